@@ -1,0 +1,1 @@
+"""Models: the V2PE language model and its layer specs."""

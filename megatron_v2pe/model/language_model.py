@@ -1,0 +1,77 @@
+"""A Megatron-Core ``GPTModel`` whose rotary positions are V2PE positions passed in as data."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_v2pe.model.layer_specs import V2PESelfAttention
+from megatron_v2pe.v2pe.rotary import V2PERotaryEmbedding
+
+
+class V2PEGPTModel(GPTModel):
+    """GPTModel with V2PE rotary embeddings.
+
+    ``forward`` takes ``positions`` (float64, [b, s], or [1, t] for a packed THD micro-batch) as a
+    keyword argument: Float16Module casts positional floating-point arguments to bf16, which would
+    collapse fractional positions. Angles are computed on every pipeline stage from the same positions.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        *,
+        rotary_base: float = 1e6,
+        rotary_percent: float = 1.0,
+        **kwargs,
+    ):
+        attention = transformer_layer_spec.submodules.self_attention.module
+        if not (isinstance(attention, type) and issubclass(attention, V2PESelfAttention)):
+            raise ValueError(
+                f"V2PEGPTModel needs a layer spec with V2PESelfAttention, got {attention}: build it "
+                "with megatron_v2pe.model.layer_specs.v2pe_layer_spec()"
+            )
+        super().__init__(
+            config,
+            transformer_layer_spec,
+            vocab_size,
+            max_sequence_length,
+            position_embedding_type="none",
+            **kwargs,
+        )
+        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor],
+        attention_mask: Optional[Tensor] = None,
+        *,
+        positions: Tensor,
+        labels: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        **kwargs,
+    ) -> Tensor:
+        return super().forward(
+            input_ids,
+            positions,
+            attention_mask,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
+        )
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        # GPTModel.forward hands our positions to _preprocess as position_ids; with
+        # position_embedding_type 'none' the embedding ignores them and no rope is built, so the
+        # angles slot (index 1) is ours to fill.
+        outputs = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
+        outputs[1] = self.rotary_pos_emb(position_ids)
+        return tuple(outputs)

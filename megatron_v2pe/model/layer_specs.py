@@ -1,0 +1,85 @@
+"""Transformer-layer specs whose self-attention rotates q and k with V2PE angles.
+
+Megatron-Core's own rope path indexes its angle table by the offset of each token inside its packed
+sub-sample (and by chunk under context parallelism). V2PE positions are per-token data, already
+permuted and sharded with the tokens, so the angles must be applied to the token they belong to, as is.
+``V2PESelfAttention`` does exactly that, for the bshd and THD layouts alike, and is slotted into the
+local or the Transformer Engine spec; every other submodule stays Megatron-Core's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import Tensor
+
+from megatron_v2pe.optional_deps import require
+from megatron_v2pe.parallel.reference_attention import ReferenceAttention
+from megatron_v2pe.v2pe.rotary import apply_rotary
+
+AttentionBackend = Literal["te", "reference"]
+
+
+class V2PESelfAttention(SelfAttention):
+    """Self-attention that applies per-token rotary angles [s, b, 1, d] right after the QKV projection.
+
+    The angles arrive as ``rotary_pos_emb`` (the slot Megatron-Core threads through every layer); they
+    are taken out of Megatron's rope path and applied here instead, token by token.
+    """
+
+    _angles: Optional[Tensor] = None
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        self._angles = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._angles = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        if self._angles is None:
+            return qkv
+        query, key, *rest = qkv
+        return (apply_rotary(query, self._angles), apply_rotary(key, self._angles), *rest)
+
+
+def _with_v2pe_attention(spec: ModuleSpec, core_attention=None) -> ModuleSpec:
+    attention = spec.submodules.self_attention
+    submodules = attention.submodules
+    if core_attention is not None:
+        submodules = dataclasses.replace(submodules, core_attention=core_attention)
+    attention = dataclasses.replace(attention, module=V2PESelfAttention, submodules=submodules)
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
+    )
+
+
+def v2pe_layer_spec(
+    backend: AttentionBackend = "reference",
+    normalization: str = "RMSNorm",
+    qk_layernorm: bool = False,
+) -> ModuleSpec:
+    """A GPT transformer-layer spec with V2PE attention.
+
+    ``normalization`` ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's.
+
+    ``te``: Transformer Engine linears and attention (GPU; FP8; context parallel; packed THD).
+    ``reference``: Megatron-Core's local linears with the plain-PyTorch reference attention (any device).
+    """
+    if backend == "te":
+        require("transformer_engine", "The Transformer Engine layer spec (backend='te')")
+        # TE's norm modules read the normalization kind from the TransformerConfig.
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        return _with_v2pe_attention(spec)
+    if backend == "reference":
+        spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+        return _with_v2pe_attention(spec, core_attention=ModuleSpec(module=ReferenceAttention))
+    raise ValueError(f"unknown attention backend {backend!r}; choose 'te' or 'reference'")

@@ -1,0 +1,111 @@
+"""Reference core attention: plain PyTorch, runs anywhere, accepts packed (THD) input.
+
+Megatron-Core's local ``DotProductAttention`` rejects packed sequences, and TE's attention needs a GPU.
+This backend builds the mask explicitly (causal, and block-diagonal over the sub-samples of a pack given
+by ``cu_seqlens``) and calls ``scaled_dot_product_attention``. Memory is O(t²) per head: it is meant for
+CPU tests, the CPU demo and as the oracle other backends are checked against, not for long sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+
+def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Sub-sample index of every token of a pack, from cumulative sequence lengths."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+    if int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the pack has {total} tokens")
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+
+
+def packed_causal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
+    """[t, t] boolean mask, True = may attend: causal within each sub-sample, nothing across."""
+    seg = segment_ids(cu_seqlens, total)
+    idx = torch.arange(total, device=cu_seqlens.device)
+    return (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
+
+
+class ReferenceAttention(MegatronModule):
+    """Drop-in core attention for Megatron-Core's ``SelfAttention`` (bshd and THD, GQA, TP)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError(
+                "ReferenceAttention does not implement context parallelism; use the TE backend."
+            )
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or config.kv_channels**-0.5
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("ReferenceAttention does not support attention_bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            out = self._attend(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
+                               self._packed_mask(packed_seq_params, query.shape[0]))
+            return out.reshape(query.shape[0], -1)  # [t, h·hd]
+        mask = self._dense_mask(attention_mask, mask_type, query.shape[0], key.shape[0], query.device)
+        out = self._attend(query, key, value, mask)
+        return out.reshape(query.shape[0], query.shape[1], -1)  # [s, b, h·hd]
+
+    @staticmethod
+    def _packed_mask(params: PackedSeqParams, total: int) -> Tensor:
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        return packed_causal_mask(cu, total)
+
+    @staticmethod
+    def _dense_mask(attention_mask, mask_type, sq, sk, device) -> Optional[Tensor]:
+        """Boolean 'may attend' mask broadcastable to [b, h, sq, sk] (Megatron masks mean 'masked')."""
+        allowed = None
+        if mask_type == AttnMaskType.causal:
+            allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+            given = ~attention_mask.to(torch.bool)
+            allowed = given if allowed is None else allowed & given
+        return allowed
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """q [sq, b, hq, d], k/v [sk, b, hkv, d] -> [sq, b, hq, d]."""
+        groups = q.shape[2] // k.shape[2]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [b, h, s, d]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        dropout = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale
+            )
+        return out.permute(2, 0, 1, 3)

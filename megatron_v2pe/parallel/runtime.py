@@ -1,0 +1,68 @@
+"""Process-group set-up for Megatron-Core, on GPUs (NCCL) or on a CPU-only host (gloo)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_v2pe.parallel import cpu_runtime
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> None:
+    """Start torch.distributed (from torchrun's environment, or as a single process) and Megatron's
+    model-parallel groups, and seed the model-parallel RNG tracker."""
+    on_cpu = cpu_runtime.install()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank = int(os.environ.get("RANK", 0))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if dist.get_world_size() % model_parallel:
+        raise ValueError(
+            f"world size {dist.get_world_size()} is not divisible by tensor x pipeline x context "
+            f"parallel = {tensor_model_parallel_size} x {pipeline_model_parallel_size} x "
+            f"{context_parallel_size} = {model_parallel}; change the parallel sizes or the number "
+            "of processes"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's groups (keeps torch.distributed up, so another layout can follow)."""
+    parallel_state.destroy_model_parallel()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

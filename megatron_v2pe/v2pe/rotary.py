@@ -1,0 +1,80 @@
+"""V2PE rotary position embedding: real-valued per-token positions -> rotary angles -> rotated q/k.
+
+Positions are data (built on the host in float64, see ``positions.py``), so the module takes positions
+rather than a sequence length. Angles are computed in float64 and reduced modulo 2π before the cast to
+float32: a float32 ``p * inv_freq`` is off by ~0.06 rad near p = 1e6 and by > 0.01 rad near 2^22, while
+the reduced float64 angle is within ~4e-7 rad of the exact value at any position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+TWO_PI = 2.0 * math.pi
+
+
+def inverse_frequencies(rotary_dim: int, base: float) -> Tensor:
+    """θ^(-2j/d) for j = 0 … d/2-1, in float64."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary dimension must be a positive even number, got {rotary_dim}")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    return base ** (-exponents)
+
+
+def rotary_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Angles [s, b, 1, d] (float32, in [0, 2π)) for positions [b, s] (or [s] for one sequence).
+
+    The last dimension repeats the d/2 frequencies twice: the rotate-half (GPT-NeoX) layout.
+    """
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    if positions.dim() != 2:
+        raise ValueError(f"positions must be [b, s] or [s], got shape {tuple(positions.shape)}")
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
+    angles = torch.remainder(angles, TWO_PI).to(torch.float32)
+    angles = torch.cat((angles, angles), dim=-1)  # [b, s, d]
+    return angles.transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, d]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate the first ``angles.shape[-1]`` channels of x [s, b, h, hd] by per-token angles [s, b, 1, d].
+
+    Channels past d (rotary_percent < 1) pass through unchanged. cos/sin are taken in float32 and cast
+    to x's dtype, as Megatron-Core does for its own rope.
+    """
+    rot_dim = angles.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    cos = torch.cos(angles).to(x.dtype)
+    sin = torch.sin(angles).to(x.dtype)
+    rotated = x_rot * cos + _rotate_half(x_rot) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
+
+
+class V2PERotaryEmbedding(nn.Module):
+    """Maps per-token V2PE positions to rotary angles [s, b, 1, d].
+
+    Args:
+        kv_channels: attention head dimension.
+        rotary_percent: fraction of the head dimension that is rotated.
+        rotary_base: θ (1e6 for InternLM2).
+    """
+
+    def __init__(self, kv_channels: int, rotary_percent: float = 1.0, rotary_base: float = 1e6):
+        super().__init__()
+        if not 0.0 < rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent must be in (0, 1], got {rotary_percent}")
+        self.rotary_dim = int(kv_channels * rotary_percent)
+        # A plain attribute, not a buffer: Float16Module's .bfloat16() would cast a buffer and
+        # destroy the float64 precision this module exists for.
+        self.inv_freq = inverse_frequencies(self.rotary_dim, rotary_base)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return rotary_angles(positions, self.inv_freq)
