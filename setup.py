@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["megatron_v2pe", "megatron_v2pe.*"]),
     install_requires=[
         "megatron-core>=0.19,<0.20",
-        "torch>=2.6",
+        "torch>=2.6,<2.15",
         "numpy",
         "einops",
         "webdataset",

@@ -10,7 +10,7 @@ local or the Transformer Engine spec; every other submodule stays Megatron-Core'
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -20,11 +20,12 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
-from megatron_v2pe.optional_deps import require
-from megatron_v2pe.parallel.reference_attention import ReferenceAttention
+from megatron_v2pe.parallel.attention_backends import (
+    AttentionBackend,
+    local_core_attention,
+    resolve_attention_backend,
+)
 from megatron_v2pe.v2pe.rotary import apply_rotary
-
-AttentionBackend = Literal["te", "reference"]
 
 
 class V2PESelfAttention(SelfAttention):
@@ -63,23 +64,20 @@ def _with_v2pe_attention(spec: ModuleSpec, core_attention=None) -> ModuleSpec:
 
 
 def v2pe_layer_spec(
-    backend: AttentionBackend = "reference",
+    backend: AttentionBackend = "auto",
     normalization: str = "RMSNorm",
     qk_layernorm: bool = False,
 ) -> ModuleSpec:
     """A GPT transformer-layer spec with V2PE attention.
 
-    ``normalization`` ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's.
-
-    ``te``: Transformer Engine linears and attention (GPU; FP8; context parallel; packed THD).
-    ``reference``: Megatron-Core's local linears with the plain-PyTorch reference attention (any device).
+    ``te``: Transformer Engine linears and attention. ``torch`` / ``reference``: Megatron-Core's local
+    linears with our PyTorch core attention (see ``parallel/attention_backends.py``). ``normalization``
+    ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's.
     """
+    backend = resolve_attention_backend(backend)
     if backend == "te":
-        require("transformer_engine", "The Transformer Engine layer spec (backend='te')")
         # TE's norm modules read the normalization kind from the TransformerConfig.
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         return _with_v2pe_attention(spec)
-    if backend == "reference":
-        spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
-        return _with_v2pe_attention(spec, core_attention=ModuleSpec(module=ReferenceAttention))
-    raise ValueError(f"unknown attention backend {backend!r}; choose 'te' or 'reference'")
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    return _with_v2pe_attention(spec, core_attention=ModuleSpec(module=local_core_attention(backend)))

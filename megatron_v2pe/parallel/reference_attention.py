@@ -29,11 +29,19 @@ def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
 
 
-def packed_causal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
-    """[t, t] boolean mask, True = may attend: causal within each sub-sample, nothing across."""
+def padded_cu_seqlens(params: PackedSeqParams) -> Tensor:
+    """The boundaries that describe the token layout of a pack (padded ones when present)."""
+    return params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+
+
+def packed_attention_mask(cu_seqlens: Tensor, total: int, causal: bool) -> Tensor:
+    """[t, t] boolean mask, True = may attend: within each sub-sample only (and causally if asked)."""
     seg = segment_ids(cu_seqlens, total)
-    idx = torch.arange(total, device=cu_seqlens.device)
-    return (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
+    allowed = seg[:, None] == seg[None, :]
+    if causal:
+        idx = torch.arange(total, device=cu_seqlens.device)
+        allowed &= idx[:, None] >= idx[None, :]
+    return allowed
 
 
 class ReferenceAttention(MegatronModule):
@@ -73,17 +81,19 @@ class ReferenceAttention(MegatronModule):
             raise NotImplementedError("ReferenceAttention does not support attention_bias")
         mask_type = attn_mask_type or self.attn_mask_type
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            out = self._attend(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
-                               self._packed_mask(packed_seq_params, query.shape[0]))
+            out = self._forward_packed(query, key, value, packed_seq_params, mask_type)
             return out.reshape(query.shape[0], -1)  # [t, h·hd]
-        mask = self._dense_mask(attention_mask, mask_type, query.shape[0], key.shape[0], query.device)
-        out = self._attend(query, key, value, mask)
+        out = self._forward_dense(query, key, value, attention_mask, mask_type)
         return out.reshape(query.shape[0], query.shape[1], -1)  # [s, b, h·hd]
 
-    @staticmethod
-    def _packed_mask(params: PackedSeqParams, total: int) -> Tensor:
-        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-        return packed_causal_mask(cu, total)
+    def _forward_packed(self, q, k, v, params: PackedSeqParams, mask_type: AttnMaskType) -> Tensor:
+        """q [t, hq, d], k/v [t, hkv, d] of a pack -> [t, hq, d]."""
+        mask = packed_attention_mask(padded_cu_seqlens(params), q.shape[0], mask_type == AttnMaskType.causal)
+        return self._attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask).squeeze(1)
+
+    def _forward_dense(self, q, k, v, attention_mask, mask_type: AttnMaskType) -> Tensor:
+        """q [sq, b, hq, d], k/v [sk, b, hkv, d] -> [sq, b, hq, d]."""
+        return self._attend(q, k, v, self._dense_mask(attention_mask, mask_type, q.shape[0], k.shape[0], q.device))
 
     @staticmethod
     def _dense_mask(attention_mask, mask_type, sq, sk, device) -> Optional[Tensor]:

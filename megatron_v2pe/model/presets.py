@@ -1,0 +1,211 @@
+"""Typed model configurations of the InternVL2 architecture, and the presets we ship.
+
+``VLMConfig`` describes the shapes only; parallelism and precision are applied when the Megatron-Core
+``TransformerConfig``s are built (``language_transformer_config`` / ``vision_transformer_config``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_v2pe.model.config import internlm2_transformer_config
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT: a pre-norm ViT with CLS token, learned absolute positions, qkv bias and layer scale."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    image_size: int = 448
+    patch_size: int = 14
+    layernorm_epsilon: float = 1e-6
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """InternLM2: RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    rotary_base: float = 1e6
+    layernorm_epsilon: float = 1e-5
+    max_sequence_length: int = 32768
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    vision: VisionConfig
+    language: LanguageConfig
+    img_context_token_id: int
+    downsample_ratio: float = 0.5
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        shuffle = round(1 / self.downsample_ratio)
+        if abs(shuffle * self.downsample_ratio - 1) > 1e-9 or self.vision.patches_per_side % shuffle:
+            raise ValueError(
+                f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
+                f"{self.vision.patches_per_side} patches per side"
+            )
+        if not 0 <= self.img_context_token_id < self.language.vocab_size:
+            raise ValueError(
+                f"img_context_token_id {self.img_context_token_id} is outside the vocabulary "
+                f"(size {self.language.vocab_size})"
+            )
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Pixel shuffle folds shuffle_factor² neighbouring patches into one token."""
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<IMG_CONTEXT> slots one 448-px tile fills (256 for InternVL2)."""
+        return self.vision.num_patches // self.shuffle_factor**2
+
+    @property
+    def projector_input_size(self) -> int:
+        return self.vision.hidden_size * self.shuffle_factor**2
+
+
+def language_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
+    lm = config.language
+    return internlm2_transformer_config(
+        lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups,
+        lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon, **overrides,
+    )
+
+
+def vision_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
+    """InternViT blocks: LayerNorm, GELU MLP, biases everywhere; never split across pipeline stages."""
+    vit = config.vision
+    params_dtype = overrides.pop("params_dtype", torch.float32)
+    fields: dict[str, Any] = dict(
+        num_layers=vit.num_layers,
+        hidden_size=vit.hidden_size,
+        num_attention_heads=vit.num_attention_heads,
+        ffn_hidden_size=vit.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=vit.layernorm_epsilon,
+        activation_func=F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    fields.update(overrides)
+    fields["pipeline_model_parallel_size"] = 1  # the vision tower lives on the first stage
+    return TransformerConfig(**fields)
+
+
+def tiny(vocab_size: int = 256, img_context_token_id: int = 3) -> VLMConfig:
+    """For tests and the CPU demo: 56-px tiles of 4x4 patches -> 4 tokens per tile."""
+    return VLMConfig(
+        vision=VisionConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                            image_size=56, patch_size=14),
+        language=LanguageConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                ffn_hidden_size=160, vocab_size=vocab_size, max_sequence_length=4096),
+        img_context_token_id=img_context_token_id,
+        name="tiny",
+    )
+
+
+INTERNVL2_2B_IMG_CONTEXT_ID = 92546
+"""`<IMG_CONTEXT>` in InternVL2-2B's tokenizer (InternLM2's 92,544 tokens + 9 added specials)."""
+
+
+def internvl2_2b() -> VLMConfig:
+    """Exact shapes of InternVL2-2B: InternViT-300M-448px + MLP projector + InternLM2-chat-1.8B."""
+    return VLMConfig(
+        vision=VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096),
+        language=LanguageConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
+                                ffn_hidden_size=8192, vocab_size=92553),
+        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        name="internvl2_2b",
+    )
+
+
+def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
+    """Build from an InternVL2 Hugging Face ``config.json`` (a path, a model directory, or the dict)."""
+    if isinstance(source, dict):
+        hf = source
+    else:
+        path = Path(source)
+        hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    try:
+        vit, llm = hf["vision_config"], hf["llm_config"]
+        vision = VisionConfig(
+            num_layers=vit["num_hidden_layers"],
+            hidden_size=vit["hidden_size"],
+            num_attention_heads=vit["num_attention_heads"],
+            ffn_hidden_size=vit["intermediate_size"],
+            image_size=hf.get("force_image_size") or vit["image_size"],
+            patch_size=vit["patch_size"],
+            layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
+            layer_scale_init=vit.get("initializer_factor", 0.1),
+            drop_path_rate=vit.get("drop_path_rate", 0.0),
+        )
+        language = LanguageConfig(
+            num_layers=llm["num_hidden_layers"],
+            hidden_size=llm["hidden_size"],
+            num_attention_heads=llm["num_attention_heads"],
+            num_query_groups=llm.get("num_key_value_heads", llm["num_attention_heads"]),
+            ffn_hidden_size=llm["intermediate_size"],
+            vocab_size=llm["vocab_size"],
+            rotary_base=llm.get("rope_theta", 1e6),
+            layernorm_epsilon=llm.get("rms_norm_eps", 1e-5),
+            max_sequence_length=llm.get("max_position_embeddings", 32768),
+        )
+    except KeyError as err:
+        raise ValueError(f"not an InternVL2 config.json: missing key {err}") from err
+    if vit.get("qkv_bias") is False or vit.get("qk_normalization") or llm.get("tie_word_embeddings"):
+        raise ValueError(
+            "unsupported InternVL2 variant: expected qkv_bias=True, qk_normalization=False and untied "
+            "word embeddings (the InternViT-300M + InternLM2 family)"
+        )
+    return VLMConfig(
+        vision=vision,
+        language=language,
+        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID if img_context_token_id is None else img_context_token_id,
+        downsample_ratio=hf.get("downsample_ratio", 0.5),
+        name=hf.get("_name_or_path", "hf"),
+    )
+
+
+PRESETS = {"tiny": tiny, "internvl2_2b": internvl2_2b}
+
+
+def preset(name: str) -> VLMConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
