@@ -52,15 +52,41 @@ class V2PESelfAttention(SelfAttention):
         return (apply_rotary(query, self._angles), apply_rotary(key, self._angles), *rest)
 
 
-def _with_v2pe_attention(spec: ModuleSpec, core_attention=None) -> ModuleSpec:
+def replace_attention(
+    spec: ModuleSpec,
+    *,
+    attention_module: Optional[type] = None,
+    core_attention: Optional[type] = None,
+    attention_params: Optional[dict] = None,
+    layer_module: Optional[type] = None,
+) -> ModuleSpec:
+    """A copy of a transformer-layer spec with its self-attention (module, core attention or params)
+    and optionally the layer class itself replaced; every other submodule is kept."""
     attention = spec.submodules.self_attention
     submodules = attention.submodules
     if core_attention is not None:
-        submodules = dataclasses.replace(submodules, core_attention=core_attention)
-    attention = dataclasses.replace(attention, module=V2PESelfAttention, submodules=submodules)
-    return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
+        submodules = dataclasses.replace(submodules, core_attention=ModuleSpec(module=core_attention))
+    attention = dataclasses.replace(
+        attention,
+        module=attention_module or attention.module,
+        params={**attention.params, **(attention_params or {})},
+        submodules=submodules,
     )
+    return dataclasses.replace(
+        spec,
+        module=layer_module or spec.module,
+        submodules=dataclasses.replace(spec.submodules, self_attention=attention),
+    )
+
+
+def base_layer_spec(backend: str, normalization: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron-Core's GPT layer spec for a resolved backend: TE modules, or local linears with our
+    PyTorch core attention."""
+    if backend == "te":
+        # TE's norm modules read the normalization kind from the TransformerConfig.
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    return replace_attention(spec, core_attention=local_core_attention(backend))
 
 
 def v2pe_layer_spec(
@@ -74,10 +100,5 @@ def v2pe_layer_spec(
     linears with our PyTorch core attention (see ``parallel/attention_backends.py``). ``normalization``
     ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's.
     """
-    backend = resolve_attention_backend(backend)
-    if backend == "te":
-        # TE's norm modules read the normalization kind from the TransformerConfig.
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-        return _with_v2pe_attention(spec)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
-    return _with_v2pe_attention(spec, core_attention=ModuleSpec(module=local_core_attention(backend)))
+    spec = base_layer_spec(resolve_attention_backend(backend), normalization, qk_layernorm)
+    return replace_attention(spec, attention_module=V2PESelfAttention)

@@ -1,0 +1,154 @@
+"""InternVL2 with V2PE on Megatron-Core: InternViT -> pixel shuffle + MLP -> InternLM2 (V2PEGPTModel).
+
+The model consumes one packed (THD) micro-batch: text embeddings with the projected image features
+written into the ``<IMG_CONTEXT>`` slots in order, attention block-diagonal over sub-samples, V2PE
+positions passed as data. Like Megatron-Core's multimodal models it splits across pipeline stages with
+the vision tower and projector on the first stage; later stages receive hidden states through
+``set_input_tensor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.model.language_model import V2PEGPTModel
+from megatron_v2pe.model.layer_specs import v2pe_layer_spec
+from megatron_v2pe.model.presets import VLMConfig, vision_transformer_config
+from megatron_v2pe.model.projector import VisionProjector
+from megatron_v2pe.model.vision import InternViTModel, vision_layer_spec
+from megatron_v2pe.parallel.attention_backends import AttentionBackend
+
+
+class InternVLModel(MegatronModule):
+    """The VLM.
+
+    Args:
+        config: architecture (shapes, `<IMG_CONTEXT>` id).
+        language_config: the language model's TransformerConfig (parallelism, precision, recompute).
+        vision_config: the vision tower's; defaults to ``vision_transformer_config(config)``.
+        attention_backend: 'auto', 'te', 'torch' or 'reference' (``parallel/attention_backends.py``).
+        pre_process / post_process: whether this pipeline stage holds the embeddings (and the vision
+            tower and projector) / the output layer and loss.
+    """
+
+    def __init__(
+        self,
+        config: VLMConfig,
+        language_config: TransformerConfig,
+        vision_config: Optional[TransformerConfig] = None,
+        *,
+        attention_backend: AttentionBackend = "auto",
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=language_config)
+        self.vlm_config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        lm = config.language
+        self.language_model = V2PEGPTModel(
+            language_config,
+            v2pe_layer_spec(attention_backend),
+            lm.vocab_size,
+            lm.max_sequence_length,
+            rotary_base=lm.rotary_base,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            scatter_embedding_sequence_parallel=False,  # images are merged first, then scattered
+            vp_stage=vp_stage,
+        )
+        if pre_process:
+            vision_config = vision_config or vision_transformer_config(config)
+            self.vision_model = InternViTModel(config.vision, vision_config, vision_layer_spec(attention_backend))
+            projector_config = dataclasses.replace(language_config, sequence_parallel=False)
+            self.vision_projection = VisionProjector(config, projector_config)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive the previous stage's hidden states here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def freeze(self, *, vision: bool = False, projector: bool = False, language: bool = False) -> None:
+        """Stop gradients to whole parts of the model (parts absent on this pipeline stage are skipped)."""
+        parts = {
+            "vision_model": vision,
+            "vision_projection": projector,
+            "language_model": language,
+        }
+        for name, frozen in parts.items():
+            module = getattr(self, name, None)
+            if frozen and module is not None:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Tiles [n, 3, S, S] -> image-token features [n · tokens_per_tile, hidden], tile-major."""
+        dtype = next(self.vision_model.parameters()).dtype
+        return self.vision_projection(self.vision_model(pixel_values.to(dtype)))
+
+    def embed(self, input_ids: Tensor, pixel_values: Optional[Tensor]) -> Tensor:
+        """Text embeddings [t, 1, h] with the image features written into the `<IMG_CONTEXT>` slots."""
+        text = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        slots = (input_ids == self.vlm_config.img_context_token_id).transpose(0, 1).unsqueeze(-1)
+        num_slots = int(slots.sum())
+        tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        features = self.encode_images(pixel_values) if tiles else text.new_zeros(0, text.shape[-1])
+        if features.shape[0] != num_slots:
+            raise ValueError(
+                f"{num_slots} <IMG_CONTEXT> slots in the batch but {features.shape[0]} image features "
+                f"({tiles} tiles x {self.vlm_config.tokens_per_tile} tokens per tile): the data "
+                "pipeline must expand every <image> to tokens_per_tile x tiles slots"
+            )
+        merged = text.masked_scatter(slots, features.to(text.dtype))
+        if self.language_model.config.sequence_parallel:
+            merged = tensor_parallel.scatter_to_sequence_parallel_region(merged)
+        return merged
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor],
+        *,
+        positions: Tensor,
+        pixel_values: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        """input_ids, positions (float64) and labels are [1, t]; returns the per-token cross entropy
+        [1, t] when labels are given, else the logits. Reduce with ``weighted_loss``."""
+        decoder_input = self.embed(input_ids, pixel_values) if self.pre_process else None
+        return self.language_model(
+            None,
+            positions=positions,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+        )
+
+
+def model_inputs(batch: PackedBatch) -> dict:
+    """The keyword arguments of ``InternVLModel.forward`` for a packed batch (labels of unsupervised
+    tokens are mapped to 0: they carry zero loss weight, and the loss kernel needs valid ids)."""
+    return dict(
+        input_ids=batch.tokens[None],
+        positions=batch.positions[None],
+        pixel_values=batch.pixel_values,
+        labels=batch.labels.clamp(min=0)[None],
+        packed_seq_params=batch.packed_seq_params(),
+    )
+
+
+def weighted_loss(per_token_loss: Tensor, loss_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ w·CE, Σ w) over the local tokens. The loss is their ratio once both are summed over the
+    data- and context-parallel ranks, so every token weighs the same wherever it was computed."""
+    weights = loss_weights.reshape(per_token_loss.shape).to(per_token_loss.dtype)
+    return (per_token_loss * weights).sum(), weights.sum()
