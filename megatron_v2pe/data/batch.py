@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -31,14 +32,23 @@ class PackedBatch:
     pixel_values: Tensor  # [tiles, 3, H, W] float32, tiles of all images in <IMG_CONTEXT> order
     tiles_per_image: Tensor  # [images] int64
     deltas: Tensor  # [images] float64, the δ each image was given (for logging)
+    # Set by context-parallel sharding (parallel/context_parallel.py): per-token fields then hold this
+    # rank's tokens only, cu_seqlens stay global, and image_feature_index [t] maps each local
+    # <IMG_CONTEXT> slot to its row of the pack's image features (-1 for text).
+    cp_size: int = 1
+    cp_rank: int = 0
+    image_feature_index: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         t = self.tokens.shape[0]
         for name in ("labels", "loss_weights", "positions"):
             if getattr(self, name).shape != (t,):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, tokens have ({t},)")
-        if int(self.cu_seqlens_padded[-1]) != t:
-            raise ValueError(f"cu_seqlens_padded ends at {int(self.cu_seqlens_padded[-1])}, pack has {t} tokens")
+        if int(self.cu_seqlens_padded[-1]) != t * self.cp_size:
+            raise ValueError(
+                f"cu_seqlens_padded ends at {int(self.cu_seqlens_padded[-1])}, but the pack has "
+                f"{t} tokens x {self.cp_size} context-parallel ranks"
+            )
         if int(self.tiles_per_image.sum()) != self.pixel_values.shape[0]:
             raise ValueError(
                 f"tiles_per_image sums to {int(self.tiles_per_image.sum())} but pixel_values holds "
@@ -68,6 +78,7 @@ class PackedBatch:
         )
 
     def to(self, device: torch.device | str) -> PackedBatch:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+            self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, Tensor)}
         )

@@ -7,6 +7,7 @@ from typing import Optional
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
@@ -25,7 +26,7 @@ class V2PEGPTModel(GPTModel):
     def __init__(
         self,
         config: TransformerConfig,
-        transformer_layer_spec: ModuleSpec,
+        transformer_layer_spec: ModuleSpec | TransformerBlockSubmodules,
         vocab_size: int,
         max_sequence_length: int,
         *,
@@ -33,11 +34,13 @@ class V2PEGPTModel(GPTModel):
         rotary_percent: float = 1.0,
         **kwargs,
     ):
-        attention = transformer_layer_spec.submodules.self_attention.module
+        layer = (transformer_layer_spec.layer_specs[0]
+                 if isinstance(transformer_layer_spec, TransformerBlockSubmodules) else transformer_layer_spec)
+        attention = layer.submodules.self_attention.module
         if not (isinstance(attention, type) and issubclass(attention, V2PESelfAttention)):
             raise ValueError(
                 f"V2PEGPTModel needs a layer spec with V2PESelfAttention, got {attention}: build it "
-                "with megatron_v2pe.model.layer_specs.v2pe_layer_spec()"
+                "with megatron_v2pe.model.layer_specs.v2pe_layer_spec() or v2pe_decoder_block_spec()"
             )
         super().__init__(
             config,

@@ -18,8 +18,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_v2pe.model.norms import TorchNorm
 from megatron_v2pe.parallel.attention_backends import (
     AttentionBackend,
     local_core_attention,
@@ -81,12 +84,25 @@ def replace_attention(
 
 def base_layer_spec(backend: str, normalization: str, qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron-Core's GPT layer spec for a resolved backend: TE modules, or local linears with our
-    PyTorch core attention."""
+    PyTorch core attention and norms that support sequence parallelism."""
     if backend == "te":
         # TE's norm modules read the normalization kind from the TransformerConfig.
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    spec = dataclasses.replace(
+        spec,
+        submodules=dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm),
+    )
     return replace_attention(spec, core_attention=local_core_attention(backend))
+
+
+def final_norm(backend: str) -> type:
+    """The norm after the last decoder layer, matching the layer spec of ``backend``."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return TorchNorm
 
 
 def v2pe_layer_spec(
@@ -102,3 +118,14 @@ def v2pe_layer_spec(
     """
     spec = base_layer_spec(resolve_attention_backend(backend), normalization, qk_layernorm)
     return replace_attention(spec, attention_module=V2PESelfAttention)
+
+
+def v2pe_decoder_block_spec(
+    config: TransformerConfig, backend: AttentionBackend = "auto", vp_stage: Optional[int] = None
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline stage: its share of V2PE layers and the matching final norm."""
+    backend = resolve_attention_backend(backend)
+    layer = v2pe_layer_spec(backend, config.normalization, config.qk_layernorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=final_norm(backend)
+    )

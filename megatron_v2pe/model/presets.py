@@ -94,6 +94,11 @@ class VLMConfig:
 
 def language_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
     lm = config.language
+    if overrides.get("pipeline_model_parallel_size") == 2 and overrides.get("virtual_pipeline_model_parallel_size"):
+        # With two stages the previous and next rank are the same peer: batched p2p would post the
+        # activation and the gradient to it in one group, and they can be matched to each other's
+        # buffers. Separate sends keep them apart.
+        overrides.setdefault("batch_p2p_comm", False)
     return internlm2_transformer_config(
         lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups,
         lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon, **overrides,

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -21,11 +22,12 @@ from torch import Tensor
 
 from megatron_v2pe.data.batch import PackedBatch
 from megatron_v2pe.model.language_model import V2PEGPTModel
-from megatron_v2pe.model.layer_specs import v2pe_layer_spec
+from megatron_v2pe.model.layer_specs import v2pe_decoder_block_spec
 from megatron_v2pe.model.presets import VLMConfig, vision_transformer_config
 from megatron_v2pe.model.projector import VisionProjector
 from megatron_v2pe.model.vision import InternViTModel, vision_layer_spec
 from megatron_v2pe.parallel.attention_backends import AttentionBackend
+from megatron_v2pe.parallel.context_parallel import all_gather_tokens, context_parallel_group
 
 
 class InternVLModel(MegatronModule):
@@ -53,12 +55,14 @@ class InternVLModel(MegatronModule):
     ):
         super().__init__(config=language_config)
         self.vlm_config = config
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules expect
+        self.share_embeddings_and_output_weights = False  # InternLM2's are untied (no PP sync needed)
         self.pre_process = pre_process
         self.post_process = post_process
         lm = config.language
         self.language_model = V2PEGPTModel(
             language_config,
-            v2pe_layer_spec(attention_backend),
+            v2pe_decoder_block_spec(language_config, attention_backend, vp_stage),
             lm.vocab_size,
             lm.max_sequence_length,
             rotary_base=lm.rotary_base,
@@ -96,13 +100,38 @@ class InternVLModel(MegatronModule):
         dtype = next(self.vision_model.parameters()).dtype
         return self.vision_projection(self.vision_model(pixel_values.to(dtype)))
 
-    def embed(self, input_ids: Tensor, pixel_values: Optional[Tensor]) -> Tensor:
-        """Text embeddings [t, 1, h] with the image features written into the `<IMG_CONTEXT>` slots."""
+    def encode_images_context_parallel(self, pixel_values: Tensor, cp_group) -> Tensor:
+        """Each CP rank encodes an equal share of the tiles (zero tiles pad the last share); the
+        features are all-gathered, so no rank encodes every image and gradients flow back to the rank
+        that encoded each tile."""
+        tiles, size = pixel_values.shape[0], cp_group.size()
+        per_rank = -(-tiles // size)
+        padded = torch.nn.functional.pad(pixel_values, (0, 0, 0, 0, 0, 0, 0, per_rank * size - tiles))
+        mine = padded[cp_group.rank() * per_rank : (cp_group.rank() + 1) * per_rank]
+        features = all_gather_tokens(self.encode_images(mine), cp_group)
+        return features[: tiles * self.vlm_config.tokens_per_tile]
+
+    def _image_features(self, pixel_values: Optional[Tensor], like: Tensor) -> Tensor:
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return like.new_zeros(0, like.shape[-1])
+        if self.language_model.config.context_parallel_size > 1:
+            return self.encode_images_context_parallel(pixel_values, context_parallel_group())
+        return self.encode_images(pixel_values)
+
+    def embed(
+        self, input_ids: Tensor, pixel_values: Optional[Tensor], image_feature_index: Optional[Tensor] = None
+    ) -> Tensor:
+        """Text embeddings [t, 1, h] with the image features written into the `<IMG_CONTEXT>` slots.
+
+        ``image_feature_index`` (set by context-parallel sharding) names the feature row of each local
+        slot; without it, slots take the features in order."""
         text = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         slots = (input_ids == self.vlm_config.img_context_token_id).transpose(0, 1).unsqueeze(-1)
-        num_slots = int(slots.sum())
+        features = self._image_features(pixel_values, text)
         tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        features = self.encode_images(pixel_values) if tiles else text.new_zeros(0, text.shape[-1])
+        if image_feature_index is not None:
+            features = features[image_feature_index[image_feature_index >= 0]]
+        num_slots = int(slots.sum())
         if features.shape[0] != num_slots:
             raise ValueError(
                 f"{num_slots} <IMG_CONTEXT> slots in the batch but {features.shape[0]} image features "
@@ -122,10 +151,12 @@ class InternVLModel(MegatronModule):
         pixel_values: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        image_feature_index: Optional[Tensor] = None,
     ) -> Tensor:
-        """input_ids, positions (float64) and labels are [1, t]; returns the per-token cross entropy
-        [1, t] when labels are given, else the logits. Reduce with ``weighted_loss``."""
-        decoder_input = self.embed(input_ids, pixel_values) if self.pre_process else None
+        """input_ids, positions (float64) and labels are [1, t] (this rank's tokens under context
+        parallelism); returns the per-token cross entropy [1, t] when labels are given, else the
+        logits. Reduce with ``weighted_loss``."""
+        decoder_input = self.embed(input_ids, pixel_values, image_feature_index) if self.pre_process else None
         return self.language_model(
             None,
             positions=positions,
@@ -144,6 +175,7 @@ def model_inputs(batch: PackedBatch) -> dict:
         pixel_values=batch.pixel_values,
         labels=batch.labels.clamp(min=0)[None],
         packed_seq_params=batch.packed_seq_params(),
+        image_feature_index=batch.image_feature_index,
     )
 
 

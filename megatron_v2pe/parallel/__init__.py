@@ -1,5 +1,5 @@
 """Parallel runtime: process groups, attention backends, context-parallel sharding."""
 
-from megatron_v2pe.parallel.runtime import destroy_model_parallel, initialize
+from megatron_v2pe.parallel.runtime import current_device, destroy_model_parallel, initialize
 
-__all__ = ["initialize", "destroy_model_parallel"]
+__all__ = ["current_device", "destroy_model_parallel", "initialize"]

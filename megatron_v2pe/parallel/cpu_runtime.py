@@ -31,12 +31,17 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Places every tensor that code asks to put on a CUDA device on the CPU instead."""
+    """Places every tensor that code asks to put on a CUDA device on the CPU instead, and names CPU
+    tensor types as their CUDA counterparts (Megatron's optimizers recognise parameter precision by
+    ``tensor.type() == 'torch.cuda.FloatTensor'``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         kwargs.pop("pin_memory", None)
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = _CPU
@@ -53,6 +58,19 @@ def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
     torch.set_rng_state(state)
 
 
+class _HostStream:
+    """Stands in for a CUDA stream: on the CPU every operation is already ordered."""
+
+    def wait_event(self, _event) -> None:
+        pass
+
+    def wait_stream(self, _stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: _CPU
@@ -65,6 +83,8 @@ def _patch_torch_cuda() -> None:
     cuda.max_memory_allocated = lambda *_a, **_k: 0
     cuda.memory_allocated = lambda *_a, **_k: 0
     cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
+    cuda.current_stream = lambda *_a, **_k: _HostStream()
+    cuda.empty_cache = lambda: None
 
 
 def _patch_megatron_rng() -> None:

@@ -2,8 +2,10 @@
 
 Megatron-Core's local ``DotProductAttention`` rejects packed sequences, and TE's attention needs a GPU.
 This backend builds the mask explicitly (causal, and block-diagonal over the sub-samples of a pack given
-by ``cu_seqlens``) and calls ``scaled_dot_product_attention``. Memory is O(t²) per head: it is meant for
-CPU tests, the CPU demo and as the oracle other backends are checked against, not for long sequences.
+by ``cu_seqlens``) and calls ``scaled_dot_product_attention``. Under context parallelism it all-gathers
+K and V over the CP group and masks by the global index of every query and key, which makes it correct
+for the zigzag layout and for packed sub-samples alike. Memory is O(t²) per head: it is meant for CPU
+tests, the CPU demo and as the oracle other backends are checked against, not for long sequences.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_v2pe.parallel.context_parallel import (
+    all_gather_tokens,
+    context_parallel_group,
+    kv_token_indices,
+)
+
 
 def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     """Sub-sample index of every token of a pack, from cumulative sequence lengths."""
@@ -32,16 +40,6 @@ def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
 def padded_cu_seqlens(params: PackedSeqParams) -> Tensor:
     """The boundaries that describe the token layout of a pack (padded ones when present)."""
     return params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-
-
-def packed_attention_mask(cu_seqlens: Tensor, total: int, causal: bool) -> Tensor:
-    """[t, t] boolean mask, True = may attend: within each sub-sample only (and causally if asked)."""
-    seg = segment_ids(cu_seqlens, total)
-    allowed = seg[:, None] == seg[None, :]
-    if causal:
-        idx = torch.arange(total, device=cu_seqlens.device)
-        allowed &= idx[:, None] >= idx[None, :]
-    return allowed
 
 
 class ReferenceAttention(MegatronModule):
@@ -59,10 +57,7 @@ class ReferenceAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError(
-                "ReferenceAttention does not implement context parallelism; use the TE backend."
-            )
+        self.cp_group = context_parallel_group(pg_collection) if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or config.kv_channels**-0.5
@@ -83,13 +78,28 @@ class ReferenceAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             out = self._forward_packed(query, key, value, packed_seq_params, mask_type)
             return out.reshape(query.shape[0], -1)  # [t, h·hd]
+        if self.cp_group is not None:
+            raise ValueError("context parallelism needs packed (THD) batches: pass packed_seq_params")
         out = self._forward_dense(query, key, value, attention_mask, mask_type)
         return out.reshape(query.shape[0], query.shape[1], -1)  # [s, b, h·hd]
 
     def _forward_packed(self, q, k, v, params: PackedSeqParams, mask_type: AttnMaskType) -> Tensor:
-        """q [t, hq, d], k/v [t, hkv, d] of a pack -> [t, hq, d]."""
-        mask = packed_attention_mask(padded_cu_seqlens(params), q.shape[0], mask_type == AttnMaskType.causal)
-        return self._attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask).squeeze(1)
+        """q [t, hq, d], k/v [t, hkv, d]: this rank's tokens of a pack -> [t, hq, d]."""
+        cu = padded_cu_seqlens(params)
+        q_index, kv_index = kv_token_indices(cu, self.cp_group)
+        if self.cp_group is not None:
+            k, v = all_gather_tokens(k, self.cp_group), all_gather_tokens(v, self.cp_group)
+        segment = segment_ids(cu, int(cu[-1]))
+        return self._attend_packed(q, k, v, segment[q_index], segment[kv_index], q_index, kv_index,
+                                   causal=mask_type == AttnMaskType.causal)
+
+    def _attend_packed(self, q, k, v, q_segment, kv_segment, q_index, kv_index, causal: bool) -> Tensor:
+        """Attention of queries to keys of the same sub-sample (and not later ones, if causal), with
+        every query and key identified by its sub-sample and its global index in the pack."""
+        allowed = q_segment[:, None] == kv_segment[None, :]
+        if causal:
+            allowed &= q_index[:, None] >= kv_index[None, :]
+        return self._attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), allowed).squeeze(1)
 
     def _forward_dense(self, q, k, v, attention_mask, mask_type: AttnMaskType) -> Tensor:
         """q [sq, b, hq, d], k/v [sk, b, hkv, d] -> [sq, b, hq, d]."""

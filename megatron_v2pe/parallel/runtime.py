@@ -55,6 +55,13 @@ def initialize(
     model_parallel_cuda_manual_seed(seed)
 
 
+def current_device() -> torch.device:
+    """The device this rank computes on: its GPU, or the CPU on a CPU-only host."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_model_parallel() -> None:
     """Tear down Megatron's groups (keeps torch.distributed up, so another layout can follow)."""
     parallel_state.destroy_model_parallel()

@@ -18,7 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from megatron_v2pe.parallel.reference_attention import ReferenceAttention, padded_cu_seqlens, segment_ids
+from megatron_v2pe.parallel.reference_attention import ReferenceAttention, padded_cu_seqlens
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -43,30 +43,30 @@ class TorchAttention(ReferenceAttention):
             )
 
     def _forward_packed(self, q, k, v, params: PackedSeqParams, mask_type: AttnMaskType) -> Tensor:
-        cu = padded_cu_seqlens(params)
         causal = mask_type == AttnMaskType.causal
-        if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if (self.cp_group is None and varlen_attn is not None and q.is_cuda
+                and q.dtype in (torch.float16, torch.bfloat16)):
+            cu = padded_cu_seqlens(params)
             longest = int((cu[1:] - cu[:-1]).max())
             return varlen_attn(
                 q, k, v, cu, cu, longest, longest, scale=self.softmax_scale,
                 window_size=(-1, 0) if causal else (-1, -1), enable_gqa=True,
             )
-        return self._flex_packed(q, k, v, cu, causal)
+        return super()._forward_packed(q, k, v, params, mask_type)
 
-    def _flex_packed(self, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, causal: bool) -> Tensor:
+    def _attend_packed(self, q, k, v, q_segment, kv_segment, q_index, kv_index, causal: bool) -> Tensor:
+        """FlexAttention with a block-sparse mask over (query, key) global indices."""
         if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             raise NotImplementedError(
                 "the 'torch' attention backend cannot train on the CPU (FlexAttention has no CPU "
                 "backward); use the 'reference' backend there"
             )
-        total = q.shape[0]
-        seg = segment_ids(cu, total)
 
-        def same_subsample(b, h, q_idx, kv_idx):
-            allowed = seg[q_idx] == seg[kv_idx]
-            return allowed & (q_idx >= kv_idx) if causal else allowed
+        def same_subsample(b, h, qi, ki):
+            allowed = q_segment[qi] == kv_segment[ki]
+            return allowed & (q_index[qi] >= kv_index[ki]) if causal else allowed
 
-        block_mask = create_block_mask(same_subsample, None, None, total, total, device=q.device)
+        block_mask = create_block_mask(same_subsample, None, None, q.shape[0], k.shape[0], device=q.device)
         attend = _compiled_flex_attention() if q.is_cuda else flex_attention
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, t, d]
         out = attend(q, k, v, block_mask=block_mask, scale=self.softmax_scale,

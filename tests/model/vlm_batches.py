@@ -32,15 +32,37 @@ def sub_sample(config: VLMConfig, rng: np.random.Generator, layout: list) -> dic
     size = config.vision.image_size
     return dict(
         tokens=tokens, labels=labels, positions=compute_positions(visual, np.array(deltas, dtype=float)),
-        weights=supervised / np.sqrt(supervised.sum()),  # the 'square' weighting
+        weights=supervised / np.sqrt(max(1, supervised.sum())),  # the "square" weighting
         pixels=torch.from_numpy(rng.standard_normal((sum(tiles), 3, size, size))).float(),
         tiles=tiles, deltas=deltas,
     )
 
 
-def pack(samples: list[dict]) -> PackedBatch:
+def _padded(sample: dict, length: int) -> dict:
+    """The sample with padding tokens (id 0, no loss, text-like positions) up to ``length``."""
+    extra = length - len(sample["tokens"])
+    last = sample["positions"][-1]
+    return dict(
+        sample,
+        tokens=np.append(sample["tokens"], np.zeros(extra, dtype=int)),
+        labels=np.append(sample["labels"], np.full(extra, IGNORE_INDEX)),
+        weights=np.append(sample["weights"], np.zeros(extra)),
+        positions=np.append(sample["positions"], last + 1 + np.arange(extra)),
+    )
+
+
+def pack(samples: list[dict], pad_multiple: int = 1, total: int | None = None) -> PackedBatch:
+    """Pack sub-samples, each padded to a multiple of ``pad_multiple`` (the last one further, to
+    ``total`` tokens if given)."""
     lengths = [len(s["tokens"]) for s in samples]
+    padded_lengths = [-(-n // pad_multiple) * pad_multiple for n in lengths]
+    if total is not None:
+        if total < sum(padded_lengths) or (total - sum(padded_lengths)) % pad_multiple:
+            raise ValueError(f"cannot pad {padded_lengths} to {total} tokens")
+        padded_lengths[-1] += total - sum(padded_lengths)
+    samples = [_padded(s, n) for s, n in zip(samples, padded_lengths)]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    cu_padded = torch.tensor(np.concatenate([[0], np.cumsum(padded_lengths)]), dtype=torch.int32)
     cat = lambda key: np.concatenate([s[key] for s in samples])  # noqa: E731
     return PackedBatch(
         tokens=torch.from_numpy(cat("tokens")).long(),
@@ -48,7 +70,7 @@ def pack(samples: list[dict]) -> PackedBatch:
         loss_weights=torch.from_numpy(cat("weights")).float(),
         positions=torch.from_numpy(cat("positions")),
         cu_seqlens=cu,
-        cu_seqlens_padded=cu.clone(),
+        cu_seqlens_padded=cu_padded,
         pixel_values=torch.cat([s["pixels"] for s in samples]),
         tiles_per_image=torch.tensor([t for s in samples for t in s["tiles"]], dtype=torch.long),
         deltas=torch.tensor([d for s in samples for d in s["deltas"]], dtype=torch.float64),

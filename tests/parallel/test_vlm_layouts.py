@@ -1,0 +1,45 @@
+"""Every parallel layout gives the single-process loss and gradients of the tiny VLM (torchrun, gloo).
+
+Packed batches with images, fractional V2PE positions and sub-samples shorter than 2·CP; see
+workers/vlm_layouts.py for how gradients are compared across layouts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel.launch import run_torchrun
+
+TWO_RANKS = ["tp2", "sp", "pp2", "pp2_vpp2", "cp2", "dp2_distopt"]
+FOUR_RANKS = ["cp4", "tp2_cp2", "pp2_cp2"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_torchrun("vlm_layouts.py", 2, tmp_path_factory.mktemp("vlm2"), "--layouts", ",".join(TWO_RANKS))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_torchrun("vlm_layouts.py", 4, tmp_path_factory.mktemp("vlm4"), "--layouts", ",".join(FOUR_RANKS))
+
+
+def _check(results, layout):
+    got = results["layouts"][layout]
+    assert results["reference_loss"] > 1.0
+    assert got["loss"] == pytest.approx(results["reference_loss"], abs=1e-5)
+    assert got["params_compared"] > 60
+    assert got["max_grad"] > 1e-2  # the gradients compared are far from zero
+    assert got["max_grad_error"] <= 1e-5, got["worst_param"]
+    if got["vision_cp_error"] is not None:
+        assert got["vision_cp_error"] <= 1e-6
+
+
+@pytest.mark.parametrize("layout", TWO_RANKS)
+def test_two_rank_layout(two_ranks, layout):
+    _check(two_ranks, layout)
+
+
+@pytest.mark.parametrize("layout", FOUR_RANKS)
+def test_four_rank_layout(four_ranks, layout):
+    _check(four_ranks, layout)
