@@ -17,6 +17,7 @@ setup(
         "numpy",
         "einops",
         "webdataset",
+        "braceexpand",
         "sentencepiece",
         "safetensors",
         "transformers",

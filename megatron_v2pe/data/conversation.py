@@ -1,0 +1,133 @@
+"""Conversation records and the InternLM2 chat template.
+
+A record (InternVL's format) holds ``conversations``: a list of ``{"from": role, "value": text}`` with
+role ``system`` (first turn only), ``human`` or ``gpt`` (``user``/``assistant`` are accepted too). Each
+``<image>`` in a text stands for the next image of the sample. Rendered as::
+
+    <s><|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{question}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n ...
+
+Only assistant text and the ``<|im_end|>`` closing it are supervised (the model must learn to stop);
+everything else, image tokens included, gets IGNORE_INDEX. Labels here are not shifted: label i is about
+token i. Each ``<image>`` becomes ``<img>``, that image's ``<IMG_CONTEXT>`` slots, ``</img>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.data.skips import BadSample, SkipReason
+from megatron_v2pe.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+
+IMAGE_PLACEHOLDER = "<image>"
+
+INTERNVL2_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"  # noqa: RUF001 (InternVL2's exact text)
+    "英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+"""The system message InternVL2 is trained and evaluated with; records with a system turn override it."""
+
+_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_RESERVED = (IMG_START, IMG_END, IMG_CONTEXT)
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system", "user" or "assistant"
+    text: str
+
+
+def parse_conversations(record: object) -> list[Turn]:
+    """The turns of a record; BadSample(BAD_RECORD) saying what is wrong otherwise."""
+    if not isinstance(record, dict):
+        raise BadSample(SkipReason.BAD_RECORD, f"the record is a {type(record).__name__}, not a JSON object")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSample(SkipReason.BAD_RECORD, "'conversations' must be a non-empty list")
+    turns = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise BadSample(SkipReason.BAD_RECORD, f"turn {i} is not {{'from': role, 'value': text}}")
+        role = _ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadSample(
+                SkipReason.BAD_RECORD, f"turn {i} has role {turn.get('from')!r}; use one of {sorted(_ROLES)}"
+            )
+        if role == "system" and i:
+            raise BadSample(SkipReason.BAD_RECORD, f"turn {i} is a system turn; only the first turn may be")
+        reserved = [t for t in _RESERVED if t in turn["value"]]
+        if reserved:
+            raise BadSample(
+                SkipReason.BAD_RECORD,
+                f"turn {i} contains {reserved[0]}, which only the pipeline places; write {IMAGE_PLACEHOLDER}",
+            )
+        turns.append(Turn(role, turn["value"]))
+    return turns
+
+
+def count_placeholders(turns: Sequence[Turn]) -> int:
+    return sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    tokens: np.ndarray  # int64 [n]
+    labels: np.ndarray  # int64 [n], tokens[i] where supervised, else IGNORE_INDEX (not shifted)
+    image_starts: np.ndarray  # int64 [images], index of each image's <img>
+
+
+class ChatTemplate:
+    """Renders turns to token ids and labels; the fixed pieces of the template are encoded once."""
+
+    def __init__(self, tokenizer: Tokenizer, system_message: str | None = INTERNVL2_SYSTEM_MESSAGE) -> None:
+        self._tokenizer = tokenizer
+        self._system_message = system_message
+        self._headers = {role: tokenizer.encode(f"<|im_start|>{role}\n") for role in set(_ROLES.values())}
+        self._im_end = tokenizer.encode("<|im_end|>")
+        self._newline = tokenizer.encode("\n")
+        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+    def render(self, turns: Sequence[Turn], image_token_counts: Sequence[int]) -> RenderedConversation:
+        """image_token_counts[k]: <IMG_CONTEXT> slots of the k-th image (tokens per tile x its tiles)."""
+        if count_placeholders(turns) != len(image_token_counts):
+            raise ValueError(f"{count_placeholders(turns)} placeholders for {len(image_token_counts)} images")
+        if turns[0].role != "system" and self._system_message is not None:
+            turns = [Turn("system", self._system_message), *turns]
+        tok = self._tokenizer
+        pieces: list[np.ndarray] = []
+        supervised: list[bool] = []
+        image_starts: list[int] = []
+        length = 0
+
+        def add(ids: Sequence[int] | np.ndarray, is_target: bool = False) -> None:
+            nonlocal length
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            supervised.append(is_target)
+            length += len(ids)
+
+        add(self._bos)
+        images = iter(image_token_counts)
+        for turn in turns:
+            answer = turn.role == "assistant"
+            add(self._headers[turn.role])
+            for k, text in enumerate(turn.text.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    image_starts.append(length)
+                    add([tok.img_start_id])
+                    add(np.full(next(images), tok.img_context_id))
+                    add([tok.img_end_id])
+                if text:
+                    add(tok.encode(text), answer)
+            add(self._im_end, answer)
+            add(self._newline)
+        tokens = np.concatenate(pieces)
+        is_target = np.repeat(np.array(supervised), [len(p) for p in pieces])
+        return RenderedConversation(
+            tokens=tokens,
+            labels=np.where(is_target, tokens, IGNORE_INDEX),
+            image_starts=np.array(image_starts, dtype=np.int64),
+        )

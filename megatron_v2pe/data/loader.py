@@ -1,0 +1,298 @@
+"""What the trainer iterates: PackedBatch micro-batches for one data-parallel rank, with exact resume.
+
+Per consumer (one dataloader worker of one rank) a PackStream runs shards -> samples -> packs. The
+PackedBatchLoader runs one PackStream per worker in a torch DataLoader; every batch comes back with its
+stream's state right after producing it, so the loader's state_dict describes exactly the batches the
+trainer has consumed. The DataLoader takes batches from its workers in turn; on resume the worker roles
+are rotated so that the worker that owed the next batch produces first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.utils.data
+
+from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
+from megatron_v2pe.data.images import TilingConfig
+from megatron_v2pe.data.packing import Fit, PackConfig, Packer, fit_sample
+from megatron_v2pe.data.sample import SampleBuilder, SampleConfig, TokenizedSample
+from megatron_v2pe.data.shards import unpack_sample
+from megatron_v2pe.data.skips import BadSample, DataEvent, SkipReason, SkipStats
+from megatron_v2pe.data.source import (
+    BLEND_STREAM,
+    DELTA_STREAM,
+    BlendedSource,
+    Consumer,
+    DatasetUnreadable,
+    RawSample,
+    SampleRef,
+    ShardSource,
+    expand_urls,
+    seeded_rng,
+)
+from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.model.presets import VLMConfig
+
+logger = logging.getLogger("megatron_v2pe.data")
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Shard URL patterns (see source.expand_urls) and the dataset's share of the mix."""
+
+    shards: str | tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    datasets: tuple[DatasetSpec, ...]
+    tokenizer: str
+    pack: PackConfig = field(default_factory=PackConfig)
+    max_tiles_per_sample: int = 6  # InternVL's max_dynamic_patch: each of n images gets max(1, this // n)
+    use_thumbnail: bool = True
+    system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
+    shuffle_buffer: int = 64
+    seed: int = 1234
+    num_workers: int = 2
+    num_epochs: int | None = None  # None: cycle forever (training); n: stop after n epochs
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("DataConfig needs at least one dataset")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(
+                f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers}, {self.shuffle_buffer}"
+            )
+
+
+def check_tokenizer_matches(tokenizer: Tokenizer, model: VLMConfig) -> None:
+    if tokenizer.img_context_id != model.img_context_token_id:
+        raise ValueError(
+            f"the tokenizer's <IMG_CONTEXT> id is {tokenizer.img_context_id} but the model config's "
+            f"img_context_token_id is {model.img_context_token_id}; use the model's own tokenizer or set "
+            "img_context_token_id to the tokenizer's id"
+        )
+    if tokenizer.vocab_size > model.language.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
+            f"{model.language.vocab_size}"
+        )
+
+
+class PackStream:
+    """One consumer's pipeline. Iterating yields packs; state_dict() taken right after a pack was
+    yielded, and loaded into a fresh PackStream before iterating, continues with the next pack."""
+
+    def __init__(
+        self, config: DataConfig, model: VLMConfig, consumer: Consumer, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self.config = config
+        self.stats = SkipStats()
+        sources = [
+            ShardSource(
+                expand_urls(spec.shards),
+                consumer,
+                dataset=d,
+                seed=config.seed,
+                shuffle_buffer=config.shuffle_buffer,
+                num_epochs=config.num_epochs,
+                stats=self.stats,
+            )
+            for d, spec in enumerate(config.datasets)
+        ]
+        weights = [spec.weight for spec in config.datasets]
+        self.source = BlendedSource(sources, weights, seeded_rng(config.seed, BLEND_STREAM, consumer.index))
+        tokenizer = tokenizer or load_tokenizer(config.tokenizer)
+        check_tokenizer_matches(tokenizer, model)
+        tiling = TilingConfig(
+            model.vision.image_size, config.max_tiles_per_sample, use_thumbnail=config.use_thumbnail
+        )
+        self.builder = SampleBuilder(
+            tokenizer, SampleConfig(model.tokens_per_tile, tiling, config.system_message)
+        )
+        self.packer = Packer(
+            config.pack,
+            seeded_rng(config.seed, DELTA_STREAM, consumer.index),
+            img_context_id=tokenizer.img_context_id,
+            pad_token_id=tokenizer.pad_id,
+        )
+        self._usable_epoch = [-1] * len(sources)  # last epoch of each dataset that gave a usable sample
+
+    def _fit(self, raw: RawSample) -> Fit:
+        """The sample, made to fit a pack (or not); raises BadSample."""
+        record, images = unpack_sample(raw.members)
+        return fit_sample(self.builder.build(raw.key, record, images, ref=raw.ref), self.config.pack)
+
+    def _usable(self, raw: RawSample) -> TokenizedSample | None:
+        """The sample to pack, or None after counting why there is none."""
+        try:
+            fit = self._fit(raw)
+        except BadSample as bad:  # incomplete next to unreadable tar data: that is the likely cause
+            self._skip(SkipReason.CORRUPT_MEMBER if raw.ref.damaged else bad.reason, raw, bad.detail)
+            return None
+        if isinstance(fit.outcome, SkipReason):
+            pack = self.config.pack
+            self._skip(fit.outcome, raw, f"a pack holds {pack.max_seq_len} tokens and {pack.max_tiles} tiles")
+            return None
+        if fit.outcome is DataEvent.TRUNCATED:
+            self.stats.event(fit.outcome, raw.key, f"cut to {len(fit.sample)} tokens")
+        self._usable_epoch[raw.ref.dataset] = raw.ref.epoch
+        return fit.sample
+
+    def _skip(self, reason: SkipReason, raw: RawSample, detail: str) -> None:
+        self.stats.skip(reason, raw.key, detail)
+        self._check_progress(raw.ref)
+
+    def _check_progress(self, ref: SampleRef) -> None:
+        """A dataset that went a whole epoch without one usable sample would stall training forever."""
+        if ref.epoch >= self._usable_epoch[ref.dataset] + 2:
+            raise DatasetUnreadable(
+                f"dataset {ref.dataset} ({self.config.datasets[ref.dataset].shards}) gave no usable sample "
+                f"in epoch {ref.epoch - 1}: {self.stats.summary()}"
+            )
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        for raw in self.source:
+            sample = self._usable(raw)
+            if sample is None:
+                continue
+            self.packer.add(sample)
+            if self.packer.full:
+                yield self.packer.pop_pack()
+        while self.packer.buffer:
+            yield self.packer.pop_pack()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source.state_dict(),
+            "packer": self.packer.state_dict(),
+            "pending": [sample.ref.to_state() for sample in self.packer.buffer],
+            "usable_epoch": list(self._usable_epoch),
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state["source"])
+        self.stats.load_state_dict(state["stats"])
+        self._usable_epoch = list(state["usable_epoch"])
+        pending = []
+        for ref_state in state["pending"]:
+            raw = self.source.fetch(SampleRef.from_state(ref_state))
+            try:
+                pending.append(self._fit(raw).sample)
+            except BadSample as bad:
+                raise ValueError(
+                    f"cannot restore buffered sample {raw.key}: it no longer builds ({bad})"
+                ) from bad
+        self.packer.load_state_dict(state["packer"], pending)
+
+
+class _WorkerStreams(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: one PackStream per worker, yielding (worker role, batch, state),
+    and when a finite stream ends, (role, None, final state) so that its last counters arrive too."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        model: VLMConfig,
+        rank: int,
+        world_size: int,
+        rotation: int,
+        states: dict[int, Any],
+    ) -> None:
+        self.config, self.model = config, model
+        self.rank, self.world_size = rank, world_size
+        self.rotation, self.states = rotation, states
+
+    def __iter__(self) -> Iterator[tuple[int, PackedBatch | None, dict[str, Any]]]:
+        workers = max(1, self.config.num_workers)
+        info = torch.utils.data.get_worker_info()
+        role = ((info.id if info is not None else 0) + self.rotation) % workers
+        stream = PackStream(
+            self.config, self.model, Consumer(self.rank * workers + role, self.world_size * workers)
+        )
+        if role in self.states:
+            stream.load_state_dict(self.states[role])
+        for batch in stream:
+            yield role, batch, stream.state_dict()
+            del batch  # a 256K pack holds GBs of pixels: let it go before the next one is built
+        yield role, None, stream.state_dict()
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class PackedBatchLoader:
+    """The PackedBatch iterable of one data-parallel rank. Iterating again continues where the batches
+    consumed so far stopped; state_dict/load_state_dict carry that across a restart."""
+
+    def __init__(self, config: DataConfig, model: VLMConfig, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        self.config, self.model = config, model
+        self.rank, self.world_size = rank, world_size
+        self._workers = max(1, config.num_workers)
+        self._consumed = 0
+        self._states: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        streams = _WorkerStreams(
+            self.config,
+            self.model,
+            self.rank,
+            self.world_size,
+            self._consumed % self._workers,
+            dict(self._states),
+        )
+        if self.config.num_workers == 0:
+            items: Any = iter(streams)
+        else:
+            items = torch.utils.data.DataLoader(
+                streams,
+                batch_size=None,
+                num_workers=self.config.num_workers,
+                collate_fn=_as_is,
+                prefetch_factor=self.config.prefetch_factor,
+            )
+        for role, batch, state in items:
+            self._states[role] = state
+            if batch is not None:
+                self._consumed += 1
+                yield batch
+        logger.info(
+            "data of rank %d exhausted after %d packs; %s", self.rank, self._consumed, self.stats().summary()
+        )
+
+    def stats(self) -> SkipStats:
+        """Skips and events of the batches consumed so far, summed over workers."""
+        return SkipStats.merged(state["stats"] for state in self._states.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "layout": [self.rank, self.world_size, self._workers],
+            "consumed": self._consumed,
+            "streams": {str(role): state for role, state in self._states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data-loader state version {state.get('version')}, expected {STATE_VERSION}")
+        layout = [self.rank, self.world_size, self._workers]
+        if list(state["layout"]) != layout:
+            raise ValueError(
+                f"the data-loader state was saved as (rank, world size, workers) = {tuple(state['layout'])}, "
+                f"this loader is {tuple(layout)}; resume with the same data-parallel size and num_workers"
+            )
+        self._consumed = state["consumed"]
+        self._states = {int(role): s for role, s in state["streams"].items()}
