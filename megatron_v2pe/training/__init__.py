@@ -1,0 +1,1 @@
+"""Training: loops and demos that drive the V2PE models."""
