@@ -13,15 +13,12 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from common import machine_description, print_table
+from common import machine_description, median_ms, print_table
 
 try:
     from megatron_v2pe.v2pe.positions import RandomDelta, compute_positions
@@ -52,17 +49,6 @@ def packed_batch(num_tokens: int, rng: np.random.Generator) -> tuple[np.ndarray,
         cu.append(cu[-1] + size + lengths[-1])
     cu[-1] = num_tokens
     return np.repeat(kinds, lengths)[:num_tokens], np.array(cu, dtype=np.int64)
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def pin_to_one_core() -> None:

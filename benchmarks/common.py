@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 
 
 def _cpu_model() -> str:
@@ -52,3 +55,14 @@ def print_table(title: str, header: list[str], rows: list[list[object]], file=sy
     for row in cells[1:]:
         print(line(row), file=file)
     print(file=file)
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of `fn` in ms, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
