@@ -7,6 +7,19 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def common_transformer_fields(params_dtype: torch.dtype) -> dict:
+    """What every transformer of the VLM shares: no dropout (InternVL2 trains without), one precision,
+    weights initialised on the CPU when there is no GPU."""
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
 def internlm2_transformer_config(
     num_layers: int,
     hidden_size: int,
@@ -34,12 +47,7 @@ def internlm2_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        **common_transformer_fields(params_dtype),
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

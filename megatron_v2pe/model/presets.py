@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_v2pe.model.config import internlm2_transformer_config
+from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,7 @@ def vision_transformer_config(config: VLMConfig, **overrides: Any) -> Transforme
         gated_linear_unit=False,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        **common_transformer_fields(params_dtype),
     )
     fields.update(overrides)
     fields["pipeline_model_parallel_size"] = 1  # the vision tower lives on the first stage
