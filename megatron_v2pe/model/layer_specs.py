@@ -28,7 +28,7 @@ from megatron_v2pe.parallel.attention_backends import (
     local_core_attention,
     resolve_attention_backend,
 )
-from megatron_v2pe.v2pe.rotary import apply_rotary
+from megatron_v2pe.v2pe.fused import rotate_qk
 
 
 class V2PESelfAttention(SelfAttention):
@@ -52,7 +52,7 @@ class V2PESelfAttention(SelfAttention):
         if self._angles is None:
             return qkv
         query, key, *rest = qkv
-        return (apply_rotary(query, self._angles), apply_rotary(key, self._angles), *rest)
+        return (*rotate_qk(query, key, self._angles), *rest)
 
 
 def replace_attention(
