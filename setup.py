@@ -34,7 +34,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "v2pe-lm-demo=megatron_v2pe.training.lm_demo:main",
+            "v2pe-train=megatron_v2pe.training.train:main",
         ],
     },
 )

@@ -4,8 +4,10 @@ Megatron-Core assumes a GPU in a few places: it asks for ``torch.cuda.current_de
 bookkeeping tensors on ``"cuda"``, pins host memory, and keeps its RNG tracker in CUDA generator states.
 On a host without CUDA those calls raise. ``install()`` redirects them to the CPU so that the same
 Megatron-Core code paths (tensor, pipeline, context and data parallel over gloo) run unchanged in tests
-and in the CPU demo. It does nothing when CUDA is available, and nothing else in the code base needs to
-know about it: ``megatron_v2pe.parallel.initialize`` calls it.
+and in the CPU demo. Without CUDA there is no Transformer Engine or apex either, so Megatron-Core falls
+back to ``torch.optim.AdamW``; where that fallback breaks checkpointing of the distributed optimizer,
+it is mended here too. It does nothing when CUDA is available, and nothing else in the code base needs
+to know about it: ``megatron_v2pe.parallel.initialize`` calls it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,50 @@ def _patch_megatron_rng() -> None:
     )
 
 
+def _patch_distributed_optimizer_torch_adam() -> None:
+    """Checkpointing Megatron's distributed optimizer around torch's AdamW (its fallback without TE or
+    apex). torch keeps ``step`` as a per-parameter state tensor, while TE's and apex's FusedAdam keep it
+    in the param group, and Megatron's torch-fallback code mishandles it:
+
+    - ``state_dict`` reads ``step`` from the per-parameter states, which torch creates lazily at the
+      first ``step()``: before it (a fresh optimizer about to load a checkpoint) the read fails.
+      Create the states as torch's AdamW does at its first step (step 0, zero moments).
+    - loading leaves ``step`` out of the checkpointed parameter state and restores it from the param
+      groups, as one tensor shared by every parameter (AdamW then increments it once per parameter,
+      so a resumed run diverges), and then copies every state tensor from the checkpoint, ``step``
+      included: KeyError 'step'. Give each parameter its own copy of the restored ``step`` and copy
+      only what the checkpoint holds.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    state_dict = DistributedOptimizer.state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def state_dict_with_created_states(self):
+        if isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    if not self.optimizer.state[param]:
+                        self.optimizer.state[param] = {
+                            "step": torch.tensor(0.0),
+                            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        }
+        return state_dict(self)
+
+    def set_checkpointed_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()  # one tensor per parameter, as torch keeps it
+            tensors = {"step": state["step"], **tensors}  # the checkpoint has none: keep the restored one
+        set_states(self, model_param, tensors)
+
+    DistributedOptimizer.state_dict = state_dict_with_created_states
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_checkpointed_states
+
+
 def install() -> bool:
     """Make Megatron-Core usable without CUDA; returns True when the CPU runtime is active."""
     global _installed
@@ -108,6 +154,7 @@ def install() -> bool:
         if not _installed:
             _patch_torch_cuda()
             _patch_megatron_rng()
+            _patch_distributed_optimizer_torch_adam()
             _CudaToCpu().__enter__()
             _installed = True
     return True

@@ -1,0 +1,409 @@
+"""Train an InternVL2-style VLM with V2PE: one CPU process or many GPUs under torchrun / Slurm.
+
+    v2pe-train --config examples/configs/tiny_cpu.yaml training.train_iters=50 checkpoint.save=runs/x
+    torchrun --nproc-per-node 8 -m megatron_v2pe.training.train --config examples/configs/internvl2_2b_32k.yaml
+
+The configuration (training/config.py) is validated before any process group, model or data is set up.
+Each step runs one global batch (micro-batches x data-parallel ranks, one packed sequence per micro-batch)
+through ``training.step.forward_backward`` and Megatron-Core's (distributed) optimizer, with the LR
+schedule stepped once per iteration. SIGTERM or SIGUSR1 (Slurm preemption) ends the run after the current
+step with a checkpoint and exit code 0, so that the job can be requeued and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
+from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.model.presets import (
+    VLMConfig,
+    from_hf_config,
+    language_transformer_config,
+    preset,
+    tiny,
+    vision_transformer_config,
+)
+from megatron_v2pe.model.vlm import InternVLModel
+from megatron_v2pe.parallel import destroy_model_parallel, initialize
+from megatron_v2pe.parallel.context_parallel import shard_batch
+from megatron_v2pe.parallel.fp8 import fp8_transformer_overrides
+from megatron_v2pe.parallel.runtime import current_device
+from megatron_v2pe.training.checkpointing import Checkpointer, load_model_weights
+from megatron_v2pe.training.config import ConfigError, TrainConfig, load_config, validate
+from megatron_v2pe.training.progress import Progress, StepRecord, StepTimer, global_batch_counts
+from megatron_v2pe.training.step import forward_backward
+
+logger = logging.getLogger("megatron_v2pe.training")
+
+VOCAB_MULTIPLE = 128  # Megatron-LM's make_vocab_size_divisible_by
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
+    """The architecture: a preset or an HF config.json; the tiny preset takes the tokenizer's ids."""
+    m = config.model
+    if m.hf_config:
+        vlm = from_hf_config(m.hf_config, img_context_token_id=m.img_context_token_id)
+    elif m.preset == "tiny":  # vocabulary padded like Megatron's, so that any TP size up to 128 splits it
+        padded = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        vlm = tiny(vocab_size=padded, img_context_token_id=tokenizer.img_context_id)
+    else:
+        vlm = preset(m.preset)
+    if m.vocab_size is not None:
+        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, vocab_size=m.vocab_size))
+    if m.img_context_token_id is not None:
+        vlm = dataclasses.replace(vlm, img_context_token_id=m.img_context_token_id)
+    if m.vision_drop_path_rate is not None:
+        vlm = dataclasses.replace(
+            vlm, vision=dataclasses.replace(vlm.vision, drop_path_rate=m.vision_drop_path_rate)
+        )
+    check_tokenizer_matches(tokenizer, vlm)
+    tp = config.parallel.tensor_model_parallel_size
+    if vlm.language.vocab_size % tp:
+        raise ValueError(
+            f"the vocabulary ({vlm.language.vocab_size}) does not split over tensor_model_parallel_size "
+            f"{tp}; set model.vocab_size to a multiple of {tp} (padding ids are never produced)"
+        )
+    return vlm
+
+
+def params_dtype(config: TrainConfig) -> torch.dtype:
+    """bf16 where asked and a GPU exists; fp32 on a CPU-only host."""
+    return torch.bfloat16 if config.training.bf16 and torch.cuda.is_available() else torch.float32
+
+
+def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
+    """This rank's model chunks (one per virtual pipeline stage), frozen parts already frozen."""
+    p, m = config.parallel, config.model
+    dtype = params_dtype(config)
+    shared = {"tensor_model_parallel_size": p.tensor_model_parallel_size, "params_dtype": dtype}
+    if m.recompute_granularity is not None:
+        shared.update(recompute_granularity=m.recompute_granularity)
+        if m.recompute_granularity == "full":
+            shared.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
+    shared.update(fp8_transformer_overrides(config.training.fp8))
+    language = language_transformer_config(
+        vlm,
+        **shared,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        calculate_per_token_loss=True,
+        # Packs differ in length; the pipeline schedules need one shape, so packs are padded to
+        # max_seq_len there (pad_pack) and may keep their own length without pipelining.
+        variable_seq_lengths=p.pipeline_model_parallel_size == 1,
+        # TransformerConfig rejects variable lengths with the default MoE dispatcher even without
+        # experts; the dispatcher is unused here.
+        moe_token_dispatcher_type="alltoall",
+    )
+    vision = vision_transformer_config(vlm, **shared)
+    chunks = []
+    for stage in range(p.virtual_pipeline_model_parallel_size or 1):
+        vp = stage if p.virtual_pipeline_model_parallel_size else None
+        chunk = InternVLModel(
+            vlm,
+            language,
+            vision,
+            attention_backend=m.attention_backend,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        )
+        chunk.freeze(vision=m.freeze_vision, projector=m.freeze_projector, language=m.freeze_language)
+        chunks.append(chunk.to(current_device()))
+    return chunks
+
+
+def wrap_model(config: TrainConfig, chunks: list[InternVLModel]) -> list[DistributedDataParallel]:
+    """Megatron DDP (bf16 chunks inside Float16Module, which returns fp32 losses)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+    )
+    wrapped = []
+    for chunk in chunks:
+        inner = Float16Module(chunk.config, chunk) if params_dtype(config) == torch.bfloat16 else chunk
+        wrapped.append(DistributedDataParallel(chunk.config, ddp_config, inner))
+    return wrapped
+
+
+def build_optimizer(config: TrainConfig, wrapped: list) -> tuple:
+    """AdamW (decoupled weight decay; biases and norms excluded) and the warm-up + decay schedule."""
+    o, iters = config.optimizer, config.training.train_iters
+    bf16 = params_dtype(config) == torch.bfloat16
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=params_dtype(config),
+            use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        ),
+        wrapped,
+    )
+    warmup = round(o.lr_warmup_fraction * iters) if o.lr_warmup_fraction is not None else o.lr_warmup_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=o.lr_warmup_init,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=min(warmup, iters - 1),
+        lr_decay_steps=iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def data_config(config: TrainConfig) -> DataConfig:
+    d = config.data
+    return DataConfig(
+        datasets=tuple(DatasetSpec(e.shards, e.weight) for e in d.datasets),
+        tokenizer=d.tokenizer,
+        pack=PackConfig(
+            max_seq_len=d.max_seq_len,
+            max_tiles=d.max_tiles,
+            pad_multiple=config.pad_multiple,
+            buffer_size=d.pack_buffer_size,
+            loss_weighting=d.loss_weighting,
+            over_long=d.over_long,
+            delta_policy=d.delta_policy,
+        ),
+        max_tiles_per_sample=d.max_tiles_per_sample,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=config.training.seed,
+        num_workers=d.num_workers,
+    )
+
+
+def pad_pack(batch: PackedBatch, length: int, pad_token_id: int) -> PackedBatch:
+    """Extend the last sub-sample's padding so the pack holds ``length`` tokens (pipeline stages
+    exchange tensors of one shape). Padding has no loss weight, and causal attention keeps it out of
+    the real tokens."""
+    extra = length - batch.num_tokens
+    if extra == 0:
+        return batch
+    last = batch.positions[-1] if batch.num_tokens else batch.positions.new_zeros(())
+    cu_padded = batch.cu_seqlens_padded.clone()
+    cu_padded[-1] = length
+    return dataclasses.replace(
+        batch,
+        tokens=torch.cat([batch.tokens, batch.tokens.new_full((extra,), pad_token_id)]),
+        labels=torch.cat([batch.labels, batch.labels.new_full((extra,), IGNORE_INDEX)]),
+        loss_weights=torch.cat([batch.loss_weights, batch.loss_weights.new_zeros(extra)]),
+        positions=torch.cat(
+            [batch.positions, last + torch.arange(1, extra + 1, dtype=batch.positions.dtype)]
+        ),
+        cu_seqlens_padded=cu_padded,
+    )
+
+
+@dataclass
+class RunResult:
+    iteration: int
+    stopped_by_signal: bool
+
+
+class ExitSignals:
+    """Remembers SIGTERM / SIGUSR1; ``received`` agrees across ranks, so all of them stop together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if enabled else {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def received(self) -> bool:
+        flag = torch.tensor([0 if self.signum is None else 1], device=current_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Validate, set up, resume if a checkpoint exists, and train to ``training.train_iters``."""
+    validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    try:
+        vlm = model_config(config, tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+    p, t = config.parallel, config.training
+    initialize(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        seed=t.seed,
+    )
+    try:
+        return _train(config, vlm, tokenizer)
+    finally:
+        destroy_model_parallel()
+
+
+def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResult:
+    t, c = config.training, config.checkpoint
+    chunks = build_model(config, vlm)
+    wrapped = wrap_model(config, chunks)
+    optimizer, scheduler = build_optimizer(config, wrapped)
+    checkpointer = Checkpointer(
+        c.save, keep_last=c.keep_last, async_save=c.async_save, optimizer_sharding=c.optimizer_sharding
+    )
+    resumed = (
+        checkpointer.load(c.load or c.save, chunks, optimizer, scheduler, t.seed)
+        if (c.load or c.save)
+        else None
+    )
+    if resumed is None and c.pretrained_checkpoint:
+        load_model_weights(c.pretrained_checkpoint, chunks, optimizer)
+    iteration = resumed.iteration if resumed else 0
+
+    loader = PackedBatchLoader(
+        data_config(config), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    )
+    if resumed is not None and resumed.data_state is not None:
+        loader.load_state_dict(resumed.data_state)
+    packs = iter(loader)
+    micro_batches = config.num_micro_batches(dist.get_world_size())
+    progress = Progress(config.logging, t.train_iters, iteration, config.to_dict())
+    signals = ExitSignals(t.exit_signal_handler)
+    last_saved = iteration if resumed else None
+    stopped = False
+    try:
+        while iteration < t.train_iters:
+            with StepTimer() as timer:
+                batch = [next(packs) for _ in range(micro_batches)]
+                counts = global_batch_counts(vlm, batch)
+                loss, grad_norm = _step(config, wrapped, optimizer, _prepare(config, vlm, tokenizer, batch))
+                scheduler.step(1)
+            iteration += 1
+            progress.record(
+                StepRecord(iteration, loss, optimizer.param_groups[0]["lr"], grad_norm, timer.seconds, counts)
+            )
+            checkpointer.finalize()
+            stopped = signals.received()
+            if c.save and (
+                stopped
+                or iteration == t.train_iters
+                or (c.save_interval and iteration % c.save_interval == 0)
+            ):
+                checkpointer.save(
+                    iteration, chunks, optimizer, scheduler, loader.state_dict(), {"config": config.to_dict()}
+                )
+                last_saved = iteration
+            if stopped:
+                progress.emit(
+                    f"stopping after iteration {iteration} on signal {signals.signum or 'of another rank'}"
+                    + (f"; checkpoint {last_saved} saved" if c.save else "; no checkpoint.save set")
+                )
+                break
+    finally:
+        signals.restore()
+        checkpointer.finalize(blocking=True)
+        progress.close()
+    return RunResult(iteration, stopped)
+
+
+def _prepare(
+    config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer, packs: list[PackedBatch]
+) -> list[PackedBatch]:
+    """This rank's micro-batches: padded to one length under pipelining, then sharded for CP."""
+    p = config.parallel
+    if p.pipeline_model_parallel_size > 1:
+        packs = [pad_pack(b, config.data.max_seq_len, tokenizer.pad_id) for b in packs]
+    cp = p.context_parallel_size
+    return (
+        [shard_batch(b, cp, ps.get_context_parallel_rank(), vlm.img_context_token_id) for b in packs]
+        if cp > 1
+        else packs
+    )
+
+
+def _step(
+    config: TrainConfig, wrapped: list, optimizer, batches: list[PackedBatch]
+) -> tuple[float, float | None]:
+    for model in wrapped:
+        model.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = forward_backward(wrapped, batches)
+    _, grad_norm, _ = optimizer.step()
+    return result.loss, grad_norm
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="v2pe-train",
+        description=__doc__.split("\n\n")[0],
+        epilog="overrides: section.key=value, e.g. training.train_iters=10 parallel.tensor_model_parallel_size=2",
+    )
+    parser.add_argument("--config", help="YAML file (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    path, overrides = parse_args(argv)
+    try:
+        result = train(load_config(path, overrides))
+    except ConfigError as err:
+        print(f"v2pe-train: configuration error: {err}", file=sys.stderr)
+        return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logger.info(
+        "finished at iteration %d%s", result.iteration, " (signal)" if result.stopped_by_signal else ""
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Checkpoints on CPU: exact resume after SIGKILL, an interrupted save, SIGTERM / SIGUSR1."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+
+import pytest
+
+from megatron_v2pe.training.checkpointing import LATEST, latest_iteration
+from tests.training.conftest import finish, losses, start_training, tiny_overrides
+
+TOTAL, SAVED_AT = 8, 3
+
+
+def wait_for(condition, proc, log, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) too early:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-4000:]}")
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_is_bit_identical(synth_data, tmp_path):
+    """Run N steps; run again, SIGKILL it right after the checkpoint of step k is complete, resume to
+    N: steps k+1..N give bit-identical losses. A half-written later save is ignored on resume."""
+    common = {"training.train_iters": TOTAL, "optimizer.lr_warmup_fraction": 0.25}
+    reference = start_training(
+        tiny_overrides(synth_data, **common, **{"logging.metrics_file": tmp_path / "reference.jsonl"}),
+        tmp_path / "reference.log",
+    )
+    save = tmp_path / "ckpt"
+    run = tiny_overrides(
+        synth_data, **common, **{"checkpoint.save": save, "checkpoint.save_interval": SAVED_AT}
+    )
+    first = start_training([*run, f"logging.metrics_file={tmp_path / 'first.jsonl'}"], tmp_path / "first.log")
+    wait_for(lambda: latest_iteration(save) == SAVED_AT, first, tmp_path / "first.log")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert latest_iteration(save) == SAVED_AT, "the run got past the next save before it was killed"
+
+    # A save of a later step that was killed half-way: its directory exists, the marker never saw it.
+    shutil.copytree(save / f"iter_{SAVED_AT:07d}", save / f"iter_{SAVED_AT + 1:07d}.tmp")
+    (save / f"iter_{SAVED_AT + 1:07d}.tmp" / "metadata.json").unlink()
+
+    resumed = start_training(
+        [*run, f"logging.metrics_file={tmp_path / 'resumed.jsonl'}"], tmp_path / "resumed.log"
+    )
+    assert finish(resumed, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+    assert finish(reference, tmp_path / "reference.log") == 0, (tmp_path / "reference.log").read_text()[
+        -4000:
+    ]
+
+    expected = losses(tmp_path / "reference.jsonl")
+    assert sorted(expected) == list(range(1, TOTAL + 1))
+    got = losses(tmp_path / "resumed.jsonl")
+    assert sorted(got) == list(range(SAVED_AT + 1, TOTAL + 1))
+    assert {i: expected[i] for i in got} == got  # bit-identical floats
+    before_kill = losses(tmp_path / "first.jsonl")
+    assert all(before_kill[i] == expected[i] for i in before_kill)
+    assert latest_iteration(save) == TOTAL
+    assert not list(save.glob("*.tmp")), "the incomplete save was not cleaned up"
+
+
+def test_interrupted_save_keeps_previous_latest(tmp_path):
+    """Until a save commits, the marker names the previous checkpoint; stale directories are removed."""
+    from megatron_v2pe.training.checkpointing import _remove_incomplete
+
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / LATEST).write_text("2")
+    (tmp_path / "iter_0000004.tmp").mkdir()  # killed while writing
+    (tmp_path / "iter_0000003").mkdir()  # killed between the rename and the marker
+    assert latest_iteration(tmp_path) == 2
+    _remove_incomplete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, "iter_0000002"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_zero(synth_data, tmp_path, signum):
+    save, metrics, log = tmp_path / "ckpt", tmp_path / "metrics.jsonl", tmp_path / "run.log"
+    proc = start_training(
+        tiny_overrides(
+            synth_data,
+            **{"training.train_iters": 10_000, "checkpoint.save": save, "logging.metrics_file": metrics},
+        ),
+        log,
+    )
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, proc, log)
+    proc.send_signal(signum)
+    assert finish(proc, log) == 0, log.read_text()[-4000:]
+    last = max(losses(metrics))
+    assert latest_iteration(save) == last
+    assert (save / f"iter_{last:07d}" / "train_state" / "layout.json").is_file()
