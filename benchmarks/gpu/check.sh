@@ -2,7 +2,8 @@
 # The GPU check of this project, prepared to run in a few minutes on one H100 (or any CUDA GPU):
 #   1. installs what the GPU image lacks (megatron-core, braceexpand) from carried wheels;
 #   2. runs the gpu-marked tests (`pytest -m gpu`);
-#   3. runs the rotary benchmark (benchmarks/gpu/bench_rotary_gpu.py).
+#   3. runs the rotary benchmark (benchmarks/gpu/bench_rotary_gpu.py);
+#   4. runs the training-step benchmark of the InternVL2-2B-shaped model (benchmarks/gpu/bench_step.py).
 # Everything goes to benchmarks/results/<date>-<gpu>.md (and to $OUT, when that is set).
 #
 # Run from anywhere, on the GPU machine:   bash benchmarks/gpu/check.sh [WHEEL_DIR]
@@ -72,6 +73,7 @@ run_step() {
 
 run_step "gpu-marked tests" 300 "${python}" -m pytest -q -m gpu -p no:cacheprovider tests
 run_step "rotary benchmark" 240 "${python}" benchmarks/gpu/bench_rotary_gpu.py
+run_step "training step benchmark" 240 "${python}" benchmarks/gpu/bench_step.py
 
 if [[ -n "${OUT:-}" ]]; then
   cp "${results}" "${OUT}/"
