@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "v2pe-train=megatron_v2pe.training.train:main",
+            "v2pe-convert-checkpoint=megatron_v2pe.convert.cli:main",
         ],
     },
 )

@@ -1,0 +1,300 @@
+"""Hugging Face checkpoint <-> Megatron-Core dist checkpoint, through the layout tables.
+
+The Megatron side is a *model-only* dist checkpoint: ``dist_checkpointing.save({"model0":
+model.sharded_state_dict()}, dir)``, written from a tensor-parallel-1 model. Its tensors are stored whole
+and matched by key when loaded, so any TP/PP/CP layout loads it; this is the structure the training driver
+reads as its starting point (``training.checkpointing.load_model_weights``). Next to it,
+``vlm_config.json`` records the architecture and ``tokenizer/`` the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+
+from megatron_v2pe.convert.checks import ConversionError, config_differences, tensor_problems
+from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
+from megatron_v2pe.convert.layouts import LAYOUTS, Layout
+from megatron_v2pe.convert.mapping import Entry, TPSplit, expand, expected_hf_shapes, to_hf, to_megatron
+from megatron_v2pe.convert.safetensors_io import (
+    SafetensorsSource,
+    ShardedWriter,
+    atomic_directory,
+    copy_tokenizer_files,
+)
+from megatron_v2pe.model.presets import (
+    LanguageConfig,
+    VisionConfig,
+    VLMConfig,
+    language_transformer_config,
+    vision_transformer_config,
+)
+from megatron_v2pe.model.vlm import InternVLModel
+from megatron_v2pe.parallel.attention_backends import AttentionBackend
+from megatron_v2pe.training.checkpointing import iteration_dir, latest_iteration
+from megatron_v2pe.v2pe.positions import DELTA_CANDIDATES, parse_delta_policy
+
+MODEL_CONFIG_FILE = "vlm_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+# -- architecture ------------------------------------------------------------------------------------
+
+
+def config_to_dict(config: VLMConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> VLMConfig:
+    return VLMConfig(
+        **{**data, "vision": VisionConfig(**data["vision"]), "language": LanguageConfig(**data["language"])}
+    )
+
+
+def build_model(
+    config: VLMConfig, dtype: torch.dtype, attention_backend: AttentionBackend = "auto"
+) -> InternVLModel:
+    """The model at the current parallel layout, uninitialised (its weights are about to be overwritten).
+    ``megatron_v2pe.parallel.initialize`` must have run."""
+    fields = {
+        "params_dtype": dtype,
+        "perform_initialization": False,
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+    }
+    return InternVLModel(
+        config,
+        language_transformer_config(config, **fields),
+        vision_transformer_config(config, **fields),
+        attention_backend=attention_backend,
+    )
+
+
+def weights(model: InternVLModel) -> dict[str, torch.Tensor]:
+    """The model's tensors by Megatron name (without the ``_extra_state`` entries, which hold no weights)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+
+
+def table(layout: Layout, config: VLMConfig) -> list[Entry]:
+    return expand(layout.rules(config), config)
+
+
+# -- Hugging Face -> model ---------------------------------------------------------------------------
+
+
+def _whole_shape(local: torch.Size, split: TPSplit, size: int) -> torch.Size:
+    """The tensor-parallel-1 shape of a parameter whose local piece is ``local``."""
+    if split is TPSplit.REPLICATED:
+        return local
+    dim = 0 if split is TPSplit.GATED_COLUMN else split.value
+    return torch.Size((*local[:dim], local[dim] * size, *local[dim + 1 :]))
+
+
+def load_hf_weights(
+    model: InternVLModel, source: SafetensorsSource, layout: Layout, config: VLMConfig
+) -> None:
+    """Stream a Hugging Face checkpoint into ``model`` (any tensor-parallel size; each rank keeps its
+    piece by the table's split rule). Every missing, unexpected or mis-shaped tensor is reported in one
+    ``ConversionError`` before any weight changes."""
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(
+            "load Hugging Face weights at pipeline-parallel size 1, then reshard through a "
+            "dist checkpoint (tools/convert_checkpoint.py writes one)"
+        )
+    entries = table(layout, config)
+    params = weights(model)
+    uncovered = sorted(set(params) - {e.megatron for e in entries})
+    if uncovered:
+        raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    whole = {e.megatron: _whole_shape(params[e.megatron].shape, e.split, size) for e in entries}
+    problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
+    if problems:
+        raise ConversionError(str(source.directory), problems)
+    split = {e.megatron: e.split for e in entries}
+    with torch.no_grad():
+        for name, tensor in to_megatron(entries, source.read):
+            params[name].copy_(split[name].shard(tensor, rank, size))
+
+
+def read_hf_config(
+    directory: str | Path, layout: Layout, img_context_token_id: int | None = None
+) -> VLMConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConversionError(str(directory), [f"no config.json in {directory}"])
+    try:
+        return layout.read_config(json.loads(path.read_text()), img_context_token_id)
+    except ValueError as err:
+        raise ConversionError(str(directory), [str(err)]) from err
+
+
+def _first_dtype(source: SafetensorsSource) -> torch.dtype:
+    return source.read(next(iter(source.files))).dtype
+
+
+def hf_to_megatron(
+    hf_dir: str | Path,
+    output: str | Path,
+    layout_name: str,
+    *,
+    expected: VLMConfig | None = None,
+    dtype: torch.dtype | None = None,
+    img_context_token_id: int | None = None,
+    attention_backend: AttentionBackend = "auto",
+) -> VLMConfig:
+    """Convert a Hugging Face model directory into a model-only Megatron dist checkpoint at ``output``.
+
+    ``expected`` (a preset) must match the checkpoint's config.json (every differing field is listed);
+    ``dtype`` defaults to the checkpoint's. Returns the architecture. Nothing is written unless every
+    check passes."""
+    if Path(output).exists():
+        raise FileExistsError(f"{output} already exists; choose a new output directory")
+    layout = LAYOUTS[layout_name]
+    source = SafetensorsSource(hf_dir)
+    config = read_hf_config(hf_dir, layout, img_context_token_id)
+    differences = config_differences(config, expected) if expected is not None else []
+    if differences:  # every tensor would mismatch too: the architecture is the problem to report
+        raise ConversionError(str(hf_dir), differences)
+    model = build_model(config, dtype or _first_dtype(source), attention_backend)
+    load_hf_weights(model, source, layout, config)
+    with atomic_directory(output) as staging:
+        save_megatron(model, config, staging)
+        (staging / TOKENIZER_DIR).mkdir()
+        copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
+    return config
+
+
+# -- model <-> Megatron dist checkpoint --------------------------------------------------------------
+
+
+def save_megatron(model: InternVLModel, config: VLMConfig, directory: Path) -> None:
+    """A model-only dist checkpoint (see the module docstring) plus ``vlm_config.json``."""
+    dist_checkpointing.save({"model0": model.sharded_state_dict()}, str(directory))
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A dist checkpoint directory, or a training run's checkpoint root (its latest iteration)."""
+    iteration = latest_iteration(path)
+    return Path(path) if iteration is None else iteration_dir(path, iteration)
+
+
+def load_megatron(
+    path: str | Path,
+    config: VLMConfig | None = None,
+    dtype: torch.dtype | None = None,
+    attention_backend: AttentionBackend = "auto",
+) -> tuple[InternVLModel, VLMConfig]:
+    """The model of a Megatron dist checkpoint, whatever TP/PP layout wrote it, at the current layout
+    (tensor-parallel 1 for export). ``config`` defaults to the checkpoint's ``vlm_config.json`` (or the
+    one beside a training run's root), ``dtype`` to the dtype it was saved in."""
+    directory = resolve_checkpoint(path)
+    if config is None:
+        candidates = [directory / MODEL_CONFIG_FILE, Path(path) / MODEL_CONFIG_FILE]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConversionError(
+                str(path), [f"no {MODEL_CONFIG_FILE}: name the architecture (--model-config)"]
+            )
+        config = config_from_dict(json.loads(found.read_text()))
+    if dtype is None:
+        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+        dtype = metadata["language_model.output_layer.weight"].dtype
+    model = build_model(config, dtype, attention_backend)
+    try:
+        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(directory))
+    except Exception as err:  # Megatron's errors already list every missing / mismatched tensor
+        raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
+    model.load_state_dict(loaded["model0"])
+    return model, config
+
+
+# -- model -> Hugging Face ---------------------------------------------------------------------------
+
+
+def v2pe_settings(config: VLMConfig, delta_policy: str, trained_window: int) -> dict[str, Any]:
+    """What an exported model records about V2PE (read back by ``hf_positions``)."""
+    return {
+        "delta_policy": parse_delta_policy(delta_policy).spec,
+        "delta_candidates": list(DELTA_CANDIDATES),
+        "trained_window": trained_window,
+        "tokens_per_tile": config.tokens_per_tile,
+        "img_context_token_id": config.img_context_token_id,
+    }
+
+
+def export_hf(
+    model: InternVLModel,
+    config: VLMConfig,
+    output: str | Path,
+    layout_name: str,
+    *,
+    v2pe: dict[str, Any],
+    reference: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``model`` as a Hugging Face model directory, one tensor and one shard at a time."""
+    layout = LAYOUTS[layout_name]
+    reference_config = json.loads((Path(reference) / "config.json").read_text()) if reference else None
+    try:
+        hf_config = layout.write_config(config, reference_config)
+    except ValueError as err:
+        raise ConversionError(str(output), [str(err)]) from err
+    state = weights(model)
+    hf_config[V2PE_CONFIG_KEY] = v2pe
+    hf_config["dtype"] = str(state["language_model.output_layer.weight"].dtype).removeprefix("torch.")
+    with atomic_directory(output) as staging:
+        writer = ShardedWriter(staging, max_shard_bytes)
+        for name, tensor in to_hf(table(layout, config), lambda n: state[n].detach()):
+            writer.add(name, tensor)
+        writer.close()
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for extra in (reference, tokenizer):
+            if extra is not None:
+                copy_tokenizer_files(extra, staging)
+        if reference is not None:
+            for pattern in layout.reference_files:
+                for path in Path(reference).glob(pattern):
+                    (staging / path.name).write_bytes(path.read_bytes())
+
+
+def megatron_to_hf(
+    megatron_dir: str | Path,
+    output: str | Path,
+    layout_name: str,
+    *,
+    config: VLMConfig | None = None,
+    dtype: torch.dtype | None = None,
+    delta_policy: str | None = None,
+    trained_window: int | None = None,
+    reference: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> VLMConfig:
+    """Export a Megatron dist checkpoint (any TP/PP layout) to a Hugging Face directory. The V2PE
+    settings default to the ``auto`` δ policy over the trained window (the language model's maximum
+    sequence length unless given). Tokenizer files come from ``tokenizer``, else the checkpoint's
+    ``tokenizer/``."""
+    if Path(output).exists():
+        raise FileExistsError(f"{output} already exists; choose a new output directory")
+    model, config = load_megatron(megatron_dir, config, dtype)
+    window = trained_window or config.language.max_sequence_length
+    bundled = Path(megatron_dir) / TOKENIZER_DIR
+    export_hf(
+        model,
+        config,
+        output,
+        layout_name,
+        v2pe=v2pe_settings(config, delta_policy or f"auto:{window}", window),
+        reference=reference,
+        tokenizer=tokenizer or (bundled if bundled.is_dir() else None),
+        max_shard_bytes=max_shard_bytes,
+    )
+    return config

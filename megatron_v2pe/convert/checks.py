@@ -1,0 +1,60 @@
+"""What is checked before anything is written; every problem is collected, then raised as one error."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from megatron_v2pe.model.presets import VLMConfig
+
+NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name"}
+"""Config fields that change neither the weights nor the forward pass."""
+
+
+class ConversionError(ValueError):
+    """Everything wrong with one conversion's input, listed at once."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"cannot convert {source}: {len(problems)} problem(s); nothing was written\n{listing}"
+        )
+
+
+def config_differences(found: VLMConfig, expected: VLMConfig) -> list[str]:
+    """``field: found != expected`` for every architecture field that differs."""
+    differences = []
+
+    def compare(a, b, prefix: str) -> None:
+        for f in dataclasses.fields(a):
+            if f.name in NOT_ARCHITECTURE:
+                continue
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if dataclasses.is_dataclass(x):
+                compare(x, y, f"{prefix}{f.name}.")
+            elif x != y:
+                differences.append(f"{prefix}{f.name}: {x!r} in the checkpoint, {y!r} expected")
+
+    compare(found, expected, "")
+    return differences
+
+
+def tensor_problems(
+    found: Mapping[str, torch.Size], expected: Mapping[str, torch.Size], ignored: Iterable[str] = ()
+) -> list[str]:
+    """Missing tensors, unexpected tensors and shape mismatches between a checkpoint and a table."""
+    ignored = set(ignored)
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected and n not in ignored]
+    mismatched = [n for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
+    return (
+        [f"missing tensor {n} (shape {tuple(expected[n])})" for n in missing]
+        + [f"unexpected tensor {n} (shape {tuple(found[n])})" for n in unexpected]
+        + [
+            f"shape mismatch {n}: {tuple(found[n])} in the checkpoint, {tuple(expected[n])} expected"
+            for n in mismatched
+        ]
+    )
