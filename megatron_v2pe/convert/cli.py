@@ -123,3 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"wrote {args.output}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
