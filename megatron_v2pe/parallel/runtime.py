@@ -25,14 +25,16 @@ def initialize(
     model-parallel groups, and seed the model-parallel RNG tracker."""
     on_cpu = cpu_runtime.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # torchrun and the Slurm launchers set MASTER_ADDR/MASTER_PORT; a lone process picks a free
+        # port without writing it to the environment, where its own subprocesses would inherit it.
+        alone = "MASTER_PORT" not in os.environ
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
+            init_method=f"tcp://127.0.0.1:{_free_port()}" if alone else "env://",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
