@@ -24,6 +24,7 @@ setup(
         "Pillow",
         "PyYAML",
         "tqdm",
+        "matplotlib",
         "tensorboard",
         "psutil",  # megatron-core's dist checkpointing hangs without it
     ],
