@@ -1,7 +1,9 @@
 """Hugging Face checkpoint <-> Megatron-Core dist checkpoint, through the layout tables.
 
 The Megatron side is a *model-only* dist checkpoint: ``dist_checkpointing.save({"model0":
-model.sharded_state_dict()}, dir)``, written from a tensor-parallel-1 model. Its tensors are stored whole
+model.sharded_state_dict()}, dir)`` of a tensor-parallel-1 model. Conversion streams in both directions
+(``dist_streaming``): the model is built on the meta device for its sharding metadata only, and each
+tensor is read, transformed and written on its own, so a model larger than the machine's memory converts. Its tensors are stored whole
 and matched by key when loaded, so any TP/PP/CP layout loads it; this is the structure the training driver
 reads as its starting point (``training.checkpointing.load_model_weights``). Next to it,
 ``vlm_config.json`` records the architecture and ``tokenizer/`` the tokenizer files.
@@ -10,7 +12,9 @@ reads as its starting point (``training.checkpointing.load_model_weights``). Nex
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from megatron_v2pe.convert.checks import ConversionError, config_differences, tensor_problems
+from megatron_v2pe.convert.dist_streaming import load_group, save_streaming
 from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
 from megatron_v2pe.convert.layouts import LAYOUTS, Layout
 from megatron_v2pe.convert.mapping import Entry, TPSplit, expand, expected_hf_shapes, to_hf, to_megatron
@@ -27,6 +32,7 @@ from megatron_v2pe.convert.safetensors_io import (
     ShardedWriter,
     atomic_directory,
     copy_tokenizer_files,
+    return_freed_memory,
 )
 from megatron_v2pe.model.presets import (
     LanguageConfig,
@@ -135,7 +141,7 @@ def read_hf_config(
 
 
 def _first_dtype(source: SafetensorsSource) -> torch.dtype:
-    return source.read(next(iter(source.files))).dtype
+    return source.dtype(next(iter(source.files)))
 
 
 def hf_to_megatron(
@@ -148,7 +154,8 @@ def hf_to_megatron(
     img_context_token_id: int | None = None,
     attention_backend: AttentionBackend = "auto",
 ) -> VLMConfig:
-    """Convert a Hugging Face model directory into a model-only Megatron dist checkpoint at ``output``.
+    """Convert a Hugging Face model directory into a model-only Megatron dist checkpoint at ``output``,
+    one tensor at a time (each is read, transformed and written, then dropped; see ``dist_streaming``).
 
     ``expected`` (a preset) must match the checkpoint's config.json (every differing field is listed);
     ``dtype`` defaults to the checkpoint's. Returns the architecture. Nothing is written unless every
@@ -161,10 +168,30 @@ def hf_to_megatron(
     differences = config_differences(config, expected) if expected is not None else []
     if differences:  # every tensor would mismatch too: the architecture is the problem to report
         raise ConversionError(str(hf_dir), differences)
-    model = build_model(config, dtype or _first_dtype(source), attention_backend)
-    load_hf_weights(model, source, layout, config)
+    dtype = dtype or _first_dtype(source)
+    return_freed_memory()
+    if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("convert at tensor- and pipeline-parallel size 1: the dist checkpoint reshards")
+    with torch.device("meta"):  # shapes and sharding metadata only: the weights are produced while saving
+        model = build_model(config, dtype, attention_backend)
+    entries = table(layout, config)
+    placeholders = weights(model)
+    uncovered = sorted(set(placeholders) - {e.megatron for e in entries})
+    if uncovered:
+        raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
+    whole = {name: t.shape for name, t in placeholders.items()}
+    problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
+    if problems:
+        raise ConversionError(str(hf_dir), problems)
+    by_name = {e.megatron: e for e in entries}
+
+    def produce(name: str) -> torch.Tensor:
+        ((_, tensor),) = to_megatron([by_name[name]], source.read)
+        return tensor.to(dtype)
+
     with atomic_directory(output) as staging:
-        save_megatron(model, config, staging)
+        save_streaming({"model0": model.sharded_state_dict()}, staging, placeholders, produce)
+        (staging / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         (staging / TOKENIZER_DIR).mkdir()
         copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
     return config
@@ -185,15 +212,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return Path(path) if iteration is None else iteration_dir(path, iteration)
 
 
-def load_megatron(
-    path: str | Path,
-    config: VLMConfig | None = None,
-    dtype: torch.dtype | None = None,
-    attention_backend: AttentionBackend = "auto",
-) -> tuple[InternVLModel, VLMConfig]:
-    """The model of a Megatron dist checkpoint, whatever TP/PP layout wrote it, at the current layout
-    (tensor-parallel 1 for export). ``config`` defaults to the checkpoint's ``vlm_config.json`` (or the
-    one beside a training run's root), ``dtype`` to the dtype it was saved in."""
+def _checkpoint_config(path: str | Path, config: VLMConfig | None) -> tuple[Path, VLMConfig]:
     directory = resolve_checkpoint(path)
     if config is None:
         candidates = [directory / MODEL_CONFIG_FILE, Path(path) / MODEL_CONFIG_FILE]
@@ -203,6 +222,19 @@ def load_megatron(
                 str(path), [f"no {MODEL_CONFIG_FILE}: name the architecture (--model-config)"]
             )
         config = config_from_dict(json.loads(found.read_text()))
+    return directory, config
+
+
+def load_megatron(
+    path: str | Path,
+    config: VLMConfig | None = None,
+    dtype: torch.dtype | None = None,
+    attention_backend: AttentionBackend = "auto",
+) -> tuple[InternVLModel, VLMConfig]:
+    """The model of a Megatron dist checkpoint, whatever TP/PP layout wrote it, at the current layout
+    (tensor-parallel 1 for export). ``config`` defaults to the checkpoint's ``vlm_config.json`` (or the
+    one beside a training run's root), ``dtype`` to the dtype it was saved in."""
+    directory, config = _checkpoint_config(path, config)
     if dtype is None:
         metadata = dist_checkpointing.load_tensors_metadata(str(directory))
         dtype = metadata["language_model.output_layer.weight"].dtype
@@ -241,19 +273,50 @@ def export_hf(
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
     """Write ``model`` as a Hugging Face model directory, one tensor and one shard at a time."""
+    state = weights(model)
+    write_hf(
+        to_hf(table(LAYOUTS[layout_name], config), lambda n: state[n].detach()),
+        state["language_model.output_layer.weight"].dtype,
+        config,
+        output,
+        layout_name,
+        v2pe=v2pe,
+        reference=reference,
+        tokenizer=tokenizer,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def write_hf(
+    tensors: Iterable[tuple[str, torch.Tensor] | tuple[None, int]],
+    dtype: torch.dtype,
+    config: VLMConfig,
+    output: str | Path,
+    layout_name: str,
+    *,
+    v2pe: dict[str, Any],
+    reference: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """A Hugging Face model directory from ``tensors`` (Hugging Face name, tensor), consumed lazily: each
+    shard is written when full, so one shard is held at a time. ``(None, bytes)`` announces that many
+    bytes of tensors to come (see ``ShardedWriter.make_room``)."""
     layout = LAYOUTS[layout_name]
     reference_config = json.loads((Path(reference) / "config.json").read_text()) if reference else None
     try:
         hf_config = layout.write_config(config, reference_config)
     except ValueError as err:
         raise ConversionError(str(output), [str(err)]) from err
-    state = weights(model)
     hf_config[V2PE_CONFIG_KEY] = v2pe
-    hf_config["dtype"] = str(state["language_model.output_layer.weight"].dtype).removeprefix("torch.")
+    hf_config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_directory(output) as staging:
         writer = ShardedWriter(staging, max_shard_bytes)
-        for name, tensor in to_hf(table(layout, config), lambda n: state[n].detach()):
-            writer.add(name, tensor)
+        for name, tensor in tensors:
+            if name is None:
+                writer.make_room(tensor)
+            else:
+                writer.add(name, tensor)
         writer.close()
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for extra in (reference, tokenizer):
@@ -263,6 +326,55 @@ def export_hf(
             for pattern in layout.reference_files:
                 for path in Path(reference).glob(pattern):
                     (staging / path.name).write_bytes(path.read_bytes())
+
+
+def layer_groups(entries: Iterable[Entry]) -> list[list[Entry]]:
+    """The entries regrouped for streaming: each non-layer tensor alone, then one layer (of the vision
+    model, then of the language model) at a time."""
+    entries = list(entries)
+    single = [[e] for e in entries if e.layer is None]
+    part = lambda e: e.megatron.split(".layers.", 1)[0]
+    layered = sorted((e for e in entries if e.layer is not None), key=lambda e: (part(e), e.layer))
+    return single + [list(g) for _, g in itertools.groupby(layered, key=lambda e: (part(e), e.layer))]
+
+
+def stream_megatron_to_hf(
+    directory: Path, config: VLMConfig, layout: Layout, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors of a dist checkpoint, reading one layer's tensors at a time. Before each
+    layer (or non-layer tensor), ``(None, bytes)`` announces its size, so that a full shard is written out
+    before the layer is read rather than after: one shard and one layer are resident, not two of either."""
+    with torch.device("meta"):
+        sharded = build_model(config, dtype).sharded_state_dict()
+    for group in layer_groups(table(layout, config)):
+        size = sum(sharded[e.megatron].data.numel() for e in group) * dtype.itemsize
+        yield None, size  # announce the group: the writer flushes first if the shard cannot take it
+        try:
+            loaded = load_group(sharded, [e.megatron for e in group], directory, dtype)
+        except Exception as err:  # Megatron's errors name the missing / mismatched tensors
+            raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
+        yield from to_hf(group, loaded.pop)  # each Megatron tensor is dropped once converted
+
+
+def _checkpoint_problems(directory: Path, config: VLMConfig, dtype: torch.dtype) -> list[str]:
+    """Tensors the architecture needs that the checkpoint lacks or holds with another shape."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = dist_checkpointing.load_tensors_metadata(str(directory))
+    with torch.device("meta"):
+        sharded = build_model(config, dtype).sharded_state_dict()
+    problems = []
+    for item in sharded.values():
+        if not isinstance(item, ShardedTensor):
+            continue
+        if item.key not in stored:
+            problems.append(f"missing tensor {item.key} (shape {tuple(item.global_shape)})")
+        elif tuple(stored[item.key].global_shape) != tuple(item.global_shape):
+            problems.append(
+                f"shape mismatch {item.key}: {tuple(stored[item.key].global_shape)} in the checkpoint, "
+                f"{tuple(item.global_shape)} expected"
+            )
+    return sorted(set(problems))
 
 
 def megatron_to_hf(
@@ -284,11 +396,23 @@ def megatron_to_hf(
     ``tokenizer/``."""
     if Path(output).exists():
         raise FileExistsError(f"{output} already exists; choose a new output directory")
-    model, config = load_megatron(megatron_dir, config, dtype)
+    directory, config = _checkpoint_config(megatron_dir, config)
+    return_freed_memory()
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as err:
+        raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
+    saved = metadata["language_model.output_layer.weight"].dtype
+    dtype = dtype or saved
+    problems = _checkpoint_problems(directory, config, dtype)
+    if problems:
+        raise ConversionError(str(directory), problems)
     window = trained_window or config.language.max_sequence_length
     bundled = Path(megatron_dir) / TOKENIZER_DIR
-    export_hf(
-        model,
+    layout = LAYOUTS[layout_name]
+    write_hf(
+        stream_megatron_to_hf(directory, config, layout, dtype),
+        dtype,
         config,
         output,
         layout_name,

@@ -1,22 +1,26 @@
 """Hugging Face checkpoint files, read and written one tensor at a time.
 
-Reading goes through ``safe_open`` (memory-mapped, one tensor materialised per call), so a model larger than
-the machine's memory can be read. Writing fills one shard at a time and flushes it when full. Every output
-directory is assembled under a temporary name next to its destination and renamed only when complete.
+Reading parses each file's header once and reads one tensor's bytes per call (``os.pread``, no memory map:
+mapped pages would stay resident, so a converter that visits every tensor would end up mapping the whole
+model). Writing holds one shard's tensors, writes them straight from their memory when the shard is full
+(no serialised copy of the shard) and drops them. Peak memory: one shard plus the tensors being converted.
+Every output directory is assembled under a temporary name next to its destination and renamed only when
+complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,6 +40,66 @@ TOKENIZER_FILES = (
 """Files that travel with a model but hold no weights (tokenizer, chat template, image processor)."""
 
 
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begins."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file, each tensor written from its own memory (no serialised copy of the whole)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            data = tensor.detach().contiguous().cpu()
+            if data.numel():
+                f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+
+def return_freed_memory() -> None:
+    """Make glibc give every freed buffer of 1 MiB or more straight back to the system.
+
+    By default glibc raises its mmap threshold each time a large buffer is freed, after which tensors
+    come from the heap and freed ones stay in it: a process that streams a model tensor by tensor would
+    see its memory creep up towards the sum of all it ever held. Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 2**20)
+
+
 class SafetensorsSource:
     """The tensors of a Hugging Face model directory (``model.safetensors`` or shards + index JSON)."""
 
@@ -45,29 +109,48 @@ class SafetensorsSource:
         if index.is_file():
             self.files = json.loads(index.read_text())["weight_map"]
         elif (self.directory / SINGLE_FILE).is_file():
-            with safe_open(self.directory / SINGLE_FILE, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), SINGLE_FILE)
+            self.files = dict.fromkeys(read_header(self.directory / SINGLE_FILE)[0], SINGLE_FILE)
         else:
             raise FileNotFoundError(f"{self.directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
-    def _handle(self, file: str):
-        if file not in self._open:
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
             path = self.directory / file
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is named in {INDEX_FILE} but missing")
-            self._open[file] = safe_open(path, "pt")
-        return self._open[file]
+            self._headers[file] = read_header(path)
+        return self._headers[file]
+
+    def _entry(self, name: str) -> dict:
+        header, _ = self._header(self.files[name])
+        if name not in header:
+            raise KeyError(f"{name} is named in {INDEX_FILE} but not in {self.files[name]}")
+        return header[name]
 
     def shapes(self) -> dict[str, torch.Size]:
         """Every tensor's shape, from the file headers (no tensor is read)."""
-        return {
-            name: torch.Size(self._handle(file).get_slice(name).get_shape())
-            for name, file in self.files.items()
-        }
+        return {name: torch.Size(self._entry(name)["shape"]) for name in self.files}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._entry(name)["dtype"]]
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
+        """One tensor, read from disk into memory it owns (``untyped_storage().resize_(0)`` frees it)."""
+        entry, (_, data_start) = self._entry(name), self._header(self.files[name])
+        start, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        if tensor.numel():
+            # a view of the tensor's own memory (not through numpy, which would pin its storage)
+            raw = (ctypes.c_char * (end - start)).from_address(tensor.data_ptr())
+            view, done = memoryview(raw).cast("B"), 0
+            with open(self.directory / self.files[name], "rb") as f:
+                while done < end - start:
+                    read = os.preadv(f.fileno(), [view[done:]], data_start + start + done)
+                    if read == 0:
+                        raise EOFError(f"{self.files[name]} ends inside {name}")
+                    done += read
+        return tensor
 
 
 class ShardedWriter:
@@ -90,9 +173,15 @@ class ShardedWriter:
         self._shard_bytes += size
         self.total_bytes += size
 
+    def make_room(self, size: int) -> None:
+        """``size`` bytes of tensors are about to be produced: write the shard out now if they would not
+        fit in it, so that it is not held while they are."""
+        if self._shard and self._shard_bytes + size > self.max_shard_bytes:
+            self._flush()
+
     def _flush(self) -> None:
         file = f"shard-{len(self._written):05d}.tmp"
-        save_file(self._shard, str(self.directory / file), metadata={"format": "pt"})
+        save_safetensors(self._shard, self.directory / file, metadata={"format": "pt"})
         self._written.append((file, list(self._shard)))
         self._shard, self._shard_bytes = {}, 0
 

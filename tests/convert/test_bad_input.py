@@ -87,7 +87,7 @@ def test_export_failures_leave_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("megatron_v2pe.convert.safetensors_io.save_file", disk_full)
+    monkeypatch.setattr("megatron_v2pe.convert.safetensors_io.save_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         megatron_to_hf(tmp_path / "megatron", tmp_path / "c", "hf")
     _only(tmp_path, "release", "megatron")
