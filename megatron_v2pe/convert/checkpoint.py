@@ -41,7 +41,7 @@ from megatron_v2pe.model.presets import (
     language_transformer_config,
     vision_transformer_config,
 )
-from megatron_v2pe.model.vlm import InternVLModel
+from megatron_v2pe.model.vlm import InternVLModel, sharded_model_state
 from megatron_v2pe.parallel.attention_backends import AttentionBackend
 from megatron_v2pe.training.checkpointing import iteration_dir, latest_iteration
 from megatron_v2pe.v2pe.positions import DELTA_CANDIDATES, parse_delta_policy
@@ -190,7 +190,7 @@ def hf_to_megatron(
         return tensor.to(dtype)
 
     with atomic_directory(output) as staging:
-        save_streaming({"model0": model.sharded_state_dict()}, staging, placeholders, produce)
+        save_streaming(sharded_model_state([model]), staging, placeholders, produce)
         (staging / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         (staging / TOKENIZER_DIR).mkdir()
         copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
@@ -202,7 +202,7 @@ def hf_to_megatron(
 
 def save_megatron(model: InternVLModel, config: VLMConfig, directory: Path) -> None:
     """A model-only dist checkpoint (see the module docstring) plus ``vlm_config.json``."""
-    dist_checkpointing.save({"model0": model.sharded_state_dict()}, str(directory))
+    dist_checkpointing.save(sharded_model_state([model]), str(directory))
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
@@ -240,7 +240,7 @@ def load_megatron(
         dtype = metadata["language_model.output_layer.weight"].dtype
     model = build_model(config, dtype, attention_backend)
     try:
-        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(directory))
+        loaded = dist_checkpointing.load(sharded_model_state([model]), str(directory))
     except Exception as err:  # Megatron's errors already list every missing / mismatched tensor
         raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
     model.load_state_dict(loaded["model0"])

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
@@ -164,6 +164,31 @@ class InternVLModel(MegatronModule):
             labels=labels,
             packed_seq_params=packed_seq_params,
         )
+
+
+def model_chunks(
+    config: VLMConfig,
+    language_config: TransformerConfig,
+    vision_config: TransformerConfig,
+    attention_backend: AttentionBackend = "auto",
+) -> list[InternVLModel]:
+    """This rank's model: one chunk per virtual pipeline stage (one without virtual stages)."""
+    virtual = language_config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in range(virtual or 1):
+        vp = stage if virtual else None
+        chunks.append(InternVLModel(
+            config, language_config, vision_config, attention_backend=attention_backend,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
+        ))
+    return chunks
+
+
+def sharded_model_state(chunks: list) -> dict:
+    """The dist-checkpoint structure of a model: ``{"model0": ..., "model1": ...}``, one entry per chunk.
+    Tensors match by their global keys, so it loads into any TP/PP/CP layout."""
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def model_inputs(batch: PackedBatch) -> dict:

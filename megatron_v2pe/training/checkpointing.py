@@ -35,6 +35,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_v2pe.model.vlm import sharded_model_state
+
 logger = logging.getLogger("megatron_v2pe.training")
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -92,9 +94,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _model_state(model_chunks: list) -> dict[str, Any]:
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
-
 
 @dataclass
 class Resumed:
@@ -142,7 +141,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        model_state = _model_state(model_chunks)
+        model_state = sharded_model_state(model_chunks)
         state = {
             **model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, metadata=self.metadata),
@@ -185,7 +184,7 @@ class Checkpointer:
         if iteration is None:
             return None
         path = iteration_dir(root, iteration)
-        model_state = _model_state(model_chunks)
+        model_state = sharded_model_state(model_chunks)
         state = {
             **model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=self.metadata),
@@ -224,7 +223,7 @@ def load_model_weights(path: str, model_chunks: list, optimizer) -> None:
     directory (its latest iteration) to fine-tune from."""
     iteration = latest_iteration(path)
     source = iteration_dir(path, iteration) if iteration is not None else Path(path)
-    loaded = dist_checkpointing.load(_model_state(model_chunks), str(source))
+    loaded = dist_checkpointing.load(sharded_model_state(model_chunks), str(source))
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded[f"model{i}"])
     optimizer.reload_model_params()  # the fp32 main copies of bf16 parameters

@@ -41,7 +41,7 @@ from megatron_v2pe.model.presets import (
     tiny,
     vision_transformer_config,
 )
-from megatron_v2pe.model.vlm import InternVLModel
+from megatron_v2pe.model.vlm import InternVLModel, model_chunks
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.parallel.fp8 import fp8_transformer_overrides
@@ -119,21 +119,10 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         moe_token_dispatcher_type="alltoall",
     )
     vision = vision_transformer_config(vlm, **shared)
-    chunks = []
-    for stage in range(p.virtual_pipeline_model_parallel_size or 1):
-        vp = stage if p.virtual_pipeline_model_parallel_size else None
-        chunk = InternVLModel(
-            vlm,
-            language,
-            vision,
-            attention_backend=m.attention_backend,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            vp_stage=vp,
-        )
+    chunks = model_chunks(vlm, language, vision, m.attention_backend)
+    for chunk in chunks:
         chunk.freeze(vision=m.freeze_vision, projector=m.freeze_projector, language=m.freeze_language)
-        chunks.append(chunk.to(current_device()))
-    return chunks
+    return [chunk.to(current_device()) for chunk in chunks]
 
 
 def wrap_model(config: TrainConfig, chunks: list[InternVLModel]) -> list[DistributedDataParallel]:

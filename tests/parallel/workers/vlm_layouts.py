@@ -26,7 +26,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_v2pe.model.presets import language_transformer_config, tiny, vision_transformer_config
-from megatron_v2pe.model.vlm import InternVLModel, model_inputs, weighted_loss
+from megatron_v2pe.model.vlm import model_chunks, model_inputs, sharded_model_state, weighted_loss
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.training.step import forward_backward
@@ -69,19 +69,7 @@ def build(tp=1, pp=1, cp=1, vpp=None, sp=False):
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, calculate_per_token_loss=True,
     )
     vision = vision_transformer_config(CONFIG, tensor_model_parallel_size=tp)
-    chunks = []
-    for stage in range(vpp or 1):
-        vp = stage if vpp else None
-        chunks.append(InternVLModel(
-            CONFIG, language, vision, attention_backend="reference",
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
-        ))
-    return chunks
-
-
-def sharded_state(chunks) -> dict:
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    return model_chunks(CONFIG, language, vision, "reference")
 
 
 def reference(workdir: Path):
@@ -96,7 +84,7 @@ def reference(workdir: Path):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    save(sharded_state([model]), workdir / "initial")
+    save(sharded_model_state([model]), workdir / "initial")
     destroy_model_parallel()
     return loss.item(), weights, grads
 
@@ -113,7 +101,7 @@ def run_layout(name: str, workdir: Path) -> float:
     initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
                virtual_pipeline_model_parallel_size=vpp, seed=11)
     chunks = build(tp, pp, cp, vpp, sp)
-    state = sharded_state(chunks)
+    state = sharded_model_state(chunks)
     loaded = dist_checkpointing.load(state, str(workdir / "initial"))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{i}"])
@@ -135,7 +123,7 @@ def run_layout(name: str, workdir: Path) -> float:
     optimizer.zero_grad()
     result = forward_backward(wrapped, mine)
     optimizer.step()
-    save(sharded_state(chunks), workdir / f"after_{name}")
+    save(sharded_model_state(chunks), workdir / f"after_{name}")
     destroy_model_parallel()
     return result.loss, vision_error
 
@@ -153,7 +141,7 @@ def vision_under_cp_error(model, batch) -> float | None:
 def updated_weights(name: str, workdir: Path) -> dict:
     initialize(seed=11)
     (model,) = build()
-    model.load_state_dict(dist_checkpointing.load(sharded_state([model]), str(workdir / f"after_{name}"))["model0"])
+    model.load_state_dict(dist_checkpointing.load(sharded_model_state([model]), str(workdir / f"after_{name}"))["model0"])
     destroy_model_parallel()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
