@@ -2,8 +2,10 @@
 # The GPU check of this project, prepared to run in a few minutes on one H100 (or any CUDA GPU):
 #   1. installs what the GPU image lacks (megatron-core, braceexpand) from carried wheels;
 #   2. runs the gpu-marked tests (`pytest -m gpu`);
-#   3. runs the rotary benchmark (benchmarks/gpu/bench_rotary_gpu.py);
-#   4. runs the training-step benchmark of the InternVL2-2B-shaped model (benchmarks/gpu/bench_step.py).
+#   3. runs the evaluation throughput benchmark (benchmarks/eval_throughput.py), tiny and 2B-shaped;
+#   4. runs the rotary benchmark (benchmarks/gpu/bench_rotary_gpu.py);
+#   5. runs the training-step benchmark of the InternVL2-2B-shaped model (benchmarks/gpu/bench_step.py).
+# The step limits add up to under 9 minutes.
 # Everything goes to benchmarks/results/<date>-<gpu>.md (and to $OUT, when that is set).
 #
 # Run from anywhere, on the GPU machine:   bash benchmarks/gpu/check.sh [WHEEL_DIR]
@@ -71,9 +73,12 @@ run_step() {
   fi
 }
 
-run_step "gpu-marked tests" 300 "${python}" -m pytest -q -m gpu -p no:cacheprovider tests
-run_step "rotary benchmark" 240 "${python}" benchmarks/gpu/bench_rotary_gpu.py
-run_step "training step benchmark" 240 "${python}" benchmarks/gpu/bench_step.py
+run_step "gpu-marked tests" 150 "${python}" -m pytest -q -m gpu -p no:cacheprovider tests
+run_step "evaluation throughput, tiny" 45 "${python}" benchmarks/eval_throughput.py
+run_step "evaluation throughput, 2B-shaped" 60 "${python}" benchmarks/eval_throughput.py --preset internvl2_2b \
+  --lengths 4096 32768
+run_step "rotary benchmark" 90 "${python}" benchmarks/gpu/bench_rotary_gpu.py
+run_step "training step benchmark" 180 "${python}" benchmarks/gpu/bench_step.py
 
 if [[ -n "${OUT:-}" ]]; then
   cp "${results}" "${OUT}/"

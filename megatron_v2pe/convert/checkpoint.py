@@ -57,6 +57,11 @@ def config_to_dict(config: VLMConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def write_model_config(config: VLMConfig, directory: Path) -> None:
+    """``vlm_config.json``: what ``load_megatron`` builds the model from when no config is given."""
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
 def config_from_dict(data: dict[str, Any]) -> VLMConfig:
     return VLMConfig(
         **{**data, "vision": VisionConfig(**data["vision"]), "language": LanguageConfig(**data["language"])}
@@ -191,7 +196,7 @@ def hf_to_megatron(
 
     with atomic_directory(output) as staging:
         save_streaming(sharded_model_state([model]), staging, placeholders, produce)
-        (staging / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        write_model_config(config, staging)
         (staging / TOKENIZER_DIR).mkdir()
         copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
     return config
@@ -203,7 +208,7 @@ def hf_to_megatron(
 def save_megatron(model: InternVLModel, config: VLMConfig, directory: Path) -> None:
     """A model-only dist checkpoint (see the module docstring) plus ``vlm_config.json``."""
     dist_checkpointing.save(sharded_model_state([model]), str(directory))
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    write_model_config(config, directory)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -52,28 +53,29 @@ TINY_TILE = 56  # the tiny preset's image_size
 MULTIPLES = (1, 2, 4, 8)
 TOKENS_PER_TILE = 4  # the tiny preset's
 WIDE = 7  # images are WIDE tiles wide: WIDE tiles + a thumbnail, so mostly visual tokens
-QUESTION = "What is the secret code of the {animal}? Answer with the number."
+NEEDLE = "The secret animal is the {animal}."
+QUESTION = "Which animal is the secret one? Answer with one word."
 
 
 def needle_sample(key: str, images: int, rng: np.random.Generator, config: SynthConfig) -> SynthSample:
     """A text needle first, then `images` scene images, then the question."""
-    animal, code = str(rng.choice(_ANIMALS)), int(rng.integers(100, 1000))
+    animal = str(rng.choice(_ANIMALS))
     scenes = [
         draw_scene(rng, random_objects(rng, int(rng.integers(1, 5))), WIDE * TINY_TILE, TINY_TILE)
         for _ in range(images)
     ]
     prompt = "\n".join(
-        [f"The secret code of the {animal} is {code}.", "<image>" * images, QUESTION.format(animal=animal)]
+        [NEEDLE.format(animal=animal), "<image>" * images, QUESTION]
     )
     meta = {
         "family": "mmniah",
         "task": "retrieval-text",
         "depths": [0.0],
-        "answer": str(code),
+        "answer": animal,
         "images": images,
     }
     return SynthSample(
-        key, [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(code)}], scenes, meta
+        key, [{"from": "human", "value": prompt}, {"from": "gpt", "value": animal}], scenes, meta
     )
 
 
@@ -99,7 +101,9 @@ def _prompt_tokens(tokenizer_path: Path, sample: SynthSample) -> int:
     return len(built.tokens) + len(built.answer_tokens)
 
 
-def synthesise(out: Path, train_samples: int, eval_samples: int, train_images: int, seed: int) -> dict:
+def synthesise(
+    out: Path, train_samples: int, eval_samples: int, train_images: int, min_train_images: int, seed: int
+) -> dict:
     """Training shards, a tokenizer, and evaluation shards whose samples are 1x, 2x, 4x and 8x as long
     (in tokens) as the longest training sample; skipped if present. Returns paths and the window."""
     paths = {
@@ -111,6 +115,7 @@ def synthesise(out: Path, train_samples: int, eval_samples: int, train_images: i
         "train_samples": train_samples,
         "eval_samples": eval_samples,
         "train_images": train_images,
+        "min_train_images": min_train_images,
         "seed": seed,
     }
     stamp = out / "data.json"
@@ -118,7 +123,7 @@ def synthesise(out: Path, train_samples: int, eval_samples: int, train_images: i
         return {**paths, **json.loads(stamp.read_text())["sizes"]}
     config = SynthConfig(image_size=TINY_TILE, tokens_per_image=TOKENS_PER_TILE)
     rng = np.random.default_rng(seed)
-    low, high = max(1, train_images * 3 // 4), train_images
+    low, high = min_train_images, train_images
     train = [
         needle_sample(f"train-{i:06d}", int(rng.integers(low, high + 1)), rng, config)
         for i in range(train_samples)
@@ -128,10 +133,10 @@ def synthesise(out: Path, train_samples: int, eval_samples: int, train_images: i
     texts += [s.conversations[0]["value"].replace("<image>", " ") for s in train]
     train_sentencepiece(texts, paths["tokenizer"], vocab_size=512)
     # tokens = base + per_image * images (the text around the images has a fixed length up to a digit)
-    probe = [needle_sample("probe", n, np.random.default_rng(0), config) for n in (low, 2 * low)]
+    probe = [needle_sample("probe", n, np.random.default_rng(0), config) for n in (1, 2)]
     short, long = (_prompt_tokens(paths["tokenizer"], p) for p in probe)
-    per_image = (long - short) / low
-    base = short - per_image * low
+    per_image = long - short
+    base = short - per_image
     window = round(base + per_image * high) + 1  # the longest training sample (prompt + answer)
     images = {f"{m}x": max(1, int((m * window - base - 1) // per_image)) for m in MULTIPLES}
     for m in MULTIPLES:
@@ -150,51 +155,66 @@ def _trained_to(run: Path) -> int:
     return int(marker.read_text().strip()) if marker.is_file() else 0
 
 
-def train_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -> None:
-    """One training run (skipped when its checkpoint already reached --steps)."""
-    if _trained_to(run) >= args.steps:
-        print(f"{run.name}: reusing the checkpoint at step {_trained_to(run)}", flush=True)
-        return
-    from megatron_v2pe.training import train
+def _train_arguments(run: Path, policy: str, data: dict, args: argparse.Namespace) -> list[str]:
+    return [
+        "--config",
+        str(CONFIG),
+        f"data.datasets=[{{shards: '{data['train'] / 'manifest.json'}'}}]",
+        f"data.tokenizer={data['tokenizer']}",
+        f"data.delta_policy={policy}",
+        f"data.max_seq_len={args.seq_len}",
+        f"data.max_tiles_per_sample={WIDE * args.train_images}",
+        f"data.max_tiles={(WIDE + 1) * args.train_images}",
+        f"training.train_iters={args.steps}",
+        f"training.global_batch_size={args.batch}",
+        f"training.seed={args.seed}",
+        f"optimizer.lr={args.lr}",
+        f"model.rotary_base={args.rotary_base}",
+        f"checkpoint.save={run / 'checkpoints'}",
+        f"checkpoint.save_interval={args.steps}",
+        f"logging.log_interval={max(1, args.steps // 10)}",
+        f"logging.metrics_file={run / 'metrics.jsonl'}",
+        *args.overrides,
+    ]
 
-    start = time.perf_counter()
-    rc = train.main(
-        [
-            "--config",
-            str(CONFIG),
-            f"data.datasets=[{{shards: '{data['train'] / 'manifest.json'}'}}]",
-            f"data.tokenizer={data['tokenizer']}",
-            f"data.delta_policy={policy}",
-            f"data.max_seq_len={args.seq_len}",
-            f"data.max_tiles_per_sample={WIDE * args.train_images}",
-            f"data.max_tiles={(WIDE + 1) * args.train_images}",
-            f"training.train_iters={args.steps}",
-            f"training.global_batch_size={args.batch}",
-            f"training.seed={args.seed}",
-            f"optimizer.lr={args.lr}",
-            f"checkpoint.save={run / 'checkpoints'}",
-            f"checkpoint.save_interval={args.steps}",
-            f"logging.log_interval={max(1, args.steps // 10)}",
-            f"logging.metrics_file={run / 'metrics.jsonl'}",
-            *args.overrides,
-        ]
-    )
-    if rc != 0:
-        raise SystemExit(f"training {run.name} failed with exit status {rc}")
-    if _trained_to(run) < args.steps:  # stopped by a signal: the checkpoint is saved, run again to resume
-        raise SystemExit(f"training {run.name} stopped at step {_trained_to(run)} of {args.steps}")
-    print(f"{run.name}: trained {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+
+def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> None:
+    """The training runs, one single-threaded process each, side by side (a run whose checkpoint already
+    reached --steps is skipped). Each process logs to <run>/train.log."""
+    start, procs = time.perf_counter(), {}
+    for name, policy in runs.items():
+        run = args.out / name
+        if _trained_to(run) >= args.steps:
+            print(f"{name}: reusing the checkpoint at step {_trained_to(run)}", flush=True)
+            continue
+        run.mkdir(parents=True, exist_ok=True)
+        log = (run / "train.log").open("w")
+        command = [sys.executable, "-m", "megatron_v2pe.training.train", *_train_arguments(run, policy, data, args)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        procs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log)
+        print(f"{name}: training {args.steps} steps (δ {policy}), log {run / 'train.log'}", flush=True)
+    failed = []
+    for name, (proc, log) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0 or _trained_to(args.out / name) < args.steps:
+            failed.append(f"{name} (exit status {rc}, step {_trained_to(args.out / name)}; see its train.log)")
+    if failed:  # a run stopped by a signal saved its checkpoint: running the demo again resumes it
+        raise SystemExit("training failed: " + ", ".join(failed))
+    if procs:
+        print(f"trained {', '.join(procs)} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def _load_model(run: Path, tokenizer: Path, seq_len: int):
-    """The run's model through tools/evaluate.py's loader (the training YAML gives the architecture)."""
+    """The run's model through tools/evaluate.py's loader (the architecture from the run's vlm_config.json)."""
     spec = importlib.util.spec_from_file_location("_v2pe_evaluate", REPO / "tools" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
     ns = argparse.Namespace(
         checkpoint=run / "checkpoints",
         tokenizer=tokenizer,
-        model_config=CONFIG,
+        model_config=None,
         trained_window=seq_len,
         attention_backend="reference",
     )
@@ -222,7 +242,7 @@ def evaluate_run(run: Path, policy: str, data: dict, window: int, args: argparse
             records,
             delta_policy=policy,
             teacher_forced=True,
-            batch_size=4,
+            batch_size=1,  # the reference attention masks a whole pack: one prompt per forward is cheapest
             max_tiles=budget,
         )
         built = mmniah.build_prompt(builder, records[0])
@@ -299,8 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=64, help="per length")
     parser.add_argument("--train-images", type=int, default=16, help="images per training sample (most)")
+    parser.add_argument("--min-train-images", type=int, default=1, help="images per training sample (least)")
     parser.add_argument("--batch", type=int, default=4, help="global batch size (samples packed per step)")
     parser.add_argument("--lr", type=float, default=2.0e-3)
+    parser.add_argument("--rotary-base", type=float, default=1000.0)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("overrides", nargs="*", help="more section.key=value for both training runs")
     args = parser.parse_args(argv)
@@ -311,12 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = synthesise(args.out / "data", args.train_samples, args.eval_samples, args.train_images, args.seed)
+    data = synthesise(
+        args.out / "data", args.train_samples, args.eval_samples, args.train_images, args.min_train_images, args.seed
+    )
     window = data["window"]
     args.seq_len = window + window % 2  # a multiple of the padding multiple
     runs = {"v2pe": ("random", f"auto:{window}"), "baseline": ("none", "none")}
-    for name, (train_policy, _) in runs.items():
-        train_run(args.out / name, train_policy, data, args)
+    train_runs({name: train_policy for name, (train_policy, _) in runs.items()}, data, args)
     models = {}
     for name, (_, eval_policy) in runs.items():
         models[name] = evaluate_run(args.out / name, eval_policy, data, window, args)

@@ -35,6 +35,7 @@ class ModelSection:
     vocab_size: int | None = None  # tiny only; default: the tokenizer's
     img_context_token_id: int | None = None  # tiny only; default: the tokenizer's <IMG_CONTEXT>
     vision_drop_path_rate: float | None = None  # InternViT stochastic depth; None keeps the preset's
+    rotary_base: float | None = None  # the language model's RoPE base; None keeps the preset's (1e6)
     attention_backend: str = "auto"  # auto | te | torch | reference
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -278,6 +279,8 @@ def validate(config: TrainConfig, world_size: int) -> None:
     for key, choices in _CHOICES.items():
         if _get(config, key) not in choices:
             raise ConfigError(f"{key} is {_get(config, key)!r}; choose one of {choices}")
+    if config.model.rotary_base is not None and not config.model.rotary_base > 1:
+        raise ConfigError(f"model.rotary_base is {config.model.rotary_base}; it must be > 1 (InternLM2: 1e6)")
     _validate_parallel(config, world_size)
     _validate_precision(config)
     _validate_data(config)

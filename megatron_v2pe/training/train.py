@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron_v2pe.convert.checkpoint import write_model_config
 from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
@@ -78,6 +80,8 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         vlm = dataclasses.replace(
             vlm, vision=dataclasses.replace(vlm.vision, drop_path_rate=m.vision_drop_path_rate)
         )
+    if m.rotary_base is not None:
+        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, rotary_base=m.rotary_base))
     check_tokenizer_matches(tokenizer, vlm)
     tp = config.parallel.tensor_model_parallel_size
     if vlm.language.vocab_size % tp:
@@ -289,6 +293,9 @@ def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResu
     if resumed is None and c.pretrained_checkpoint:
         load_model_weights(c.pretrained_checkpoint, chunks, optimizer)
     iteration = resumed.iteration if resumed else 0
+    if c.save and dist.get_rank() == 0:  # beside the checkpoints: evaluation and conversion read it
+        Path(c.save).mkdir(parents=True, exist_ok=True)
+        write_model_config(vlm, Path(c.save))
 
     loader = PackedBatchLoader(
         data_config(config), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -32,6 +32,16 @@ def test_paper_recipe_example_reads():
     assert c.training.bf16 and c.data.delta_policy == "random" and c.model.recompute_granularity == "full"
 
 
+def test_rotary_base_override_reaches_the_language_model(synth_data):
+    from megatron_v2pe.data.tokenizer import load_tokenizer
+    from megatron_v2pe.training.train import model_config
+
+    c = config(synth_data, **{"model.rotary_base": 1000})
+    tokenizer = load_tokenizer(c.data.tokenizer)
+    assert model_config(c, tokenizer).language.rotary_base == 1000.0
+    assert model_config(config(synth_data), tokenizer).language.rotary_base == 1e6  # the preset's
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -79,6 +89,7 @@ def test_bad_overrides(override, message):
         ),
         ({"data.datasets": "[]"}, 1, "data.datasets is empty"),
         ({"optimizer.lr_decay_style": "wsd"}, 1, "optimizer.lr_decay_style is 'wsd'; choose one of"),
+        ({"model.rotary_base": 0.5}, 1, r"model.rotary_base is 0.5; it must be > 1"),
     ],
 )
 def test_validation_messages(synth_data, extra, world_size, message):

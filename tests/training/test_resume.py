@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import time
 
 import pytest
 
+from megatron_v2pe.convert.checkpoint import MODEL_CONFIG_FILE, config_from_dict
+from megatron_v2pe.data.tokenizer import load_tokenizer
 from megatron_v2pe.training.checkpointing import LATEST, latest_iteration
-from tests.training.conftest import finish, losses, start_training, tiny_overrides
+from megatron_v2pe.training.config import load_config
+from megatron_v2pe.training.train import model_config
+from tests.training.conftest import TINY_CONFIG, finish, losses, start_training, tiny_overrides
 
 TOTAL, SAVED_AT = 8, 3
 
@@ -64,6 +69,10 @@ def test_resume_after_sigkill_is_bit_identical(synth_data, tmp_path):
     assert all(before_kill[i] == expected[i] for i in before_kill)
     assert latest_iteration(save) == TOTAL
     assert not list(save.glob("*.tmp")), "the incomplete save was not cleaned up"
+    # the architecture sits beside the checkpoints, so evaluation and conversion need no config
+    written = config_from_dict(json.loads((save / MODEL_CONFIG_FILE).read_text()))
+    train_config = load_config(TINY_CONFIG, run)
+    assert written == model_config(train_config, load_tokenizer(train_config.data.tokenizer))
 
 
 def test_interrupted_save_keeps_previous_latest(tmp_path):

@@ -1,0 +1,57 @@
+"""Generation on a CUDA GPU: the tokens and logits of the CPU run, and the KV cache still equal to
+recomputation there (fp32, TF32 off, so the tolerances are those of the CPU tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_v2pe.eval.generation import generate
+from megatron_v2pe.model.presets import language_transformer_config
+from megatron_v2pe.model.vlm import InternVLModel
+from tests.eval.test_generation import CONFIG, STEPS, _prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("megatron_runtime"),
+]
+
+
+@pytest.fixture(scope="module")
+def cpu_model() -> InternVLModel:
+    torch.manual_seed(0)
+    return InternVLModel(CONFIG, language_transformer_config(CONFIG), attention_backend="reference").eval()
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _on_gpu(cpu_model: InternVLModel, backend: str) -> InternVLModel:
+    model = InternVLModel(CONFIG, language_transformer_config(CONFIG), attention_backend=backend)
+    model.load_state_dict(cpu_model.state_dict())
+    return model.cuda().eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("policy", ["fixed:0.25", "none"])
+def test_gpu_generation_equals_cpu_generation(cpu_model, backend, policy):
+    prompts = _prompts()
+    on_cpu = generate(cpu_model, prompts, STEPS, delta_policy=policy, keep_logits=True)
+    on_gpu = generate(_on_gpu(cpu_model, backend), prompts, STEPS, delta_policy=policy, keep_logits=True)
+    assert on_gpu.tokens == on_cpu.tokens
+    torch.testing.assert_close(on_gpu.step_logits.cpu(), on_cpu.step_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["fixed:0.25", "none"])
+def test_kv_cache_equals_recomputation_on_gpu(cpu_model, policy):
+    model, prompts = _on_gpu(cpu_model, "reference"), _prompts()
+    cached = generate(model, prompts, STEPS, delta_policy=policy, keep_logits=True)
+    recomputed = generate(model, prompts, STEPS, delta_policy=policy, use_cache=False, keep_logits=True)
+    assert cached.tokens == recomputed.tokens
+    torch.testing.assert_close(cached.step_logits, recomputed.step_logits, atol=1e-5, rtol=0)
