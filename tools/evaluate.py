@@ -84,6 +84,7 @@ def _load(args: argparse.Namespace):
     from megatron_v2pe.data.loader import check_tokenizer_matches
     from megatron_v2pe.data.tokenizer import load_tokenizer
     from megatron_v2pe.parallel import initialize
+    from megatron_v2pe.parallel.runtime import current_device
 
     if not parallel_state.model_parallel_is_initialized():
         initialize(seed=0)
@@ -102,7 +103,7 @@ def _load(args: argparse.Namespace):
             config = config_from_dict(json.loads(args.model_config.read_text()))
     model, config = load_megatron(args.checkpoint, config, attention_backend=args.attention_backend)
     check_tokenizer_matches(tokenizer, config)
-    return model.eval(), tokenizer, window or config.language.max_sequence_length
+    return model.to(current_device()).eval(), tokenizer, window or config.language.max_sequence_length
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ serves to check this backend against the reference one). Unpacked batches use
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,35 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # older PyTorch: FlexAttention serves every case
     varlen_attn = None
+
+
+@functools.cache
+def _varlen_keywords() -> frozenset[str]:
+    """``varlen_attn``'s keyword arguments: PyTorch 2.10/2.11 take ``is_causal`` only; later releases
+    take ``scale``, ``window_size`` and ``enable_gqa``."""
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, causal: bool, scale: float) -> Tensor | None:
+    """Flash attention per sub-sample through whichever ``varlen_attn`` is installed, or None when it
+    cannot take this softmax scale (then FlexAttention serves)."""
+    keywords = _varlen_keywords()
+    kwargs = {}
+    if "scale" in keywords:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:
+        return None
+    if "window_size" in keywords:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in keywords:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    longest = int((cu[1:] - cu[:-1]).max())
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
 @functools.cache
@@ -46,12 +76,9 @@ class TorchAttention(ReferenceAttention):
         causal = mask_type == AttnMaskType.causal
         if (self.cp_group is None and varlen_attn is not None and q.is_cuda
                 and q.dtype in (torch.float16, torch.bfloat16)):
-            cu = padded_cu_seqlens(params)
-            longest = int((cu[1:] - cu[:-1]).max())
-            return varlen_attn(
-                q, k, v, cu, cu, longest, longest, scale=self.softmax_scale,
-                window_size=(-1, 0) if causal else (-1, -1), enable_gqa=True,
-            )
+            out = _varlen_attention(q, k, v, padded_cu_seqlens(params), causal, self.softmax_scale)
+            if out is not None:
+                return out
         return super()._forward_packed(q, k, v, params, mask_type)
 
     def _attend_packed(self, q, k, v, q_segment, kv_segment, q_index, kv_index, causal: bool) -> Tensor:

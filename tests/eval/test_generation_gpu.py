@@ -20,8 +20,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cpu_model() -> InternVLModel:
-    torch.manual_seed(0)
-    return InternVLModel(CONFIG, language_transformer_config(CONFIG), attention_backend="reference").eval()
+    torch.manual_seed(0)  # built on the GPU where one is present (Megatron's layers), so moved
+    model = InternVLModel(CONFIG, language_transformer_config(CONFIG), attention_backend="reference")
+    return model.cpu().eval()
 
 
 @pytest.fixture(autouse=True)

@@ -23,12 +23,14 @@ def split_qkv(seq: int, batch: int, q_heads: int, kv_heads: int, head_dim: int, 
               device: str, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Non-contiguous q [s, b, hq, hd] and k [s, b, hk, hd] laid out as a fused QKV projection leaves
     them: k (and v) are strided views into the per-group [q … q | k | v] rows; q is a view of a
-    [b, s, …] buffer, so its s and b strides are swapped too."""
+    [b, s, …] buffer with its s and b strides swapped, and its heads strided (so that it is not
+    contiguous even when b = 1)."""
     generator = torch.Generator().manual_seed(seed)
     per_group = q_heads // kv_heads + 2
     mixed = torch.randn(seq, batch, kv_heads, per_group * head_dim, generator=generator)
     key = mixed.to(device, dtype)[..., (per_group - 2) * head_dim : (per_group - 1) * head_dim]
-    query = torch.randn(batch, seq, q_heads, head_dim, generator=generator).to(device, dtype).transpose(0, 1)
+    padded = torch.randn(batch, seq, q_heads, 2 * head_dim, generator=generator).to(device, dtype)
+    query = padded[..., :head_dim].transpose(0, 1)
     assert not key.is_contiguous() and not query.is_contiguous()
     return query, key
 
