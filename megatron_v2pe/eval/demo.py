@@ -4,21 +4,22 @@ measure needle retrieval at 1x, 2x, 4x and 8x the training length.
     python -m megatron_v2pe.eval.demo --out runs/v2pe_demo [--steps N]
 
 The task is MM-NIAH-style retrieval with a text needle and images as the haystack: a sample opens with
-"The secret code of the <animal> is <code>.", continues with wide scene images (7 tiles of 56 px plus a
-thumbnail each, so that the prompt is mostly visual tokens that δ can compress) and asks for the code. Training samples have ``--train-images`` images (a few hundred tokens); evaluation samples
-have 1, 2, 4 and 8 times as many, so the prompt is that many times longer (the text around them is fixed).
+"The secret animal is the <animal>.", continues with wide scene images (7 tiles of 56 px plus a thumbnail
+each, 34 tokens an image, so that the prompt is mostly visual tokens that δ can compress) and asks which
+animal it was; the answer is one word. Training samples have 1 to ``--train-images`` images (at most a few
+hundred tokens: the short ones teach the retrieval quickly, the long ones set the trained window);
+evaluation samples have 1, 2, 4 and 8 times as many tokens as the longest training sample.
 
-Both runs use ``examples/configs/tiny_cpu.yaml``, the same data, seed and steps; only ``data.delta_policy``
-differs (``random``: δ drawn per image from {1, 1/2, ..., 1/256}; ``none``: δ = 1). Evaluation is
-teacher-forced (correct when the argmax tokens of one forward equal the code), the V2PE model with
-``auto:<window>`` (largest δ that keeps every position inside the longest training sample) and the
-baseline with ``none``. Checkpoints under ``--out`` are reused when they already reached ``--steps``.
+Both runs use ``examples/configs/tiny_cpu.yaml``, the same data, seed and steps, and RoPE base
+``--rotary-base`` (5,000 by default; the README says why, and what other bases give); only
+``data.delta_policy`` differs (``random``: δ drawn per image from {1, 1/2, ..., 1/256}; ``none``: δ = 1).
+They train side by side, one single-threaded process each. Evaluation is teacher-forced (correct when the
+argmax token equals the answer), the V2PE model with ``auto:<window>`` (largest δ that keeps every position
+inside the longest training sample) and the baseline with ``none``. Data and checkpoints under ``--out``
+are reused when they match the arguments and already reached ``--steps``.
 
 Writes ``<out>/results.json`` (accuracy per length and model, the δ ``auto`` chose, the training losses)
 and ``<out>/accuracy_vs_length.png``, and prints the table.
-
-Status: with the default settings the tiny models learn the format but not the retrieval within the CPU
-budget (0% at every length), so this does not yet show V2PE's effect; see the README.
 """
 
 from __future__ import annotations
@@ -183,13 +184,20 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
     reached --steps is skipped). Each process logs to <run>/train.log."""
     start, procs = time.perf_counter(), {}
     for name, policy in runs.items():
-        run = args.out / name
+        run, arguments = args.out / name, _train_arguments(args.out / name, policy, data, args)
+        stamp = run / "train_args.json"
+        if _trained_to(run) and (not stamp.is_file() or json.loads(stamp.read_text()) != arguments):
+            raise SystemExit(
+                f"{run} holds a run trained with other settings (see {stamp.name}); "
+                "choose another --out or delete that directory"
+            )
         if _trained_to(run) >= args.steps:
             print(f"{name}: reusing the checkpoint at step {_trained_to(run)}", flush=True)
             continue
         run.mkdir(parents=True, exist_ok=True)
-        log = (run / "train.log").open("w")
-        command = [sys.executable, "-m", "megatron_v2pe.training.train", *_train_arguments(run, policy, data, args)]
+        stamp.write_text(json.dumps(arguments) + "\n")
+        log = (run / "train.log").open("a")  # a resumed run appends
+        command = [sys.executable, "-m", "megatron_v2pe.training.train", *arguments]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         procs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log)
@@ -322,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-train-images", type=int, default=1, help="images per training sample (least)")
     parser.add_argument("--batch", type=int, default=4, help="global batch size (samples packed per step)")
     parser.add_argument("--lr", type=float, default=2.0e-3)
-    parser.add_argument("--rotary-base", type=float, default=1000.0)
+    parser.add_argument("--rotary-base", type=float, default=5000.0, help="RoPE base of both models")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("overrides", nargs="*", help="more section.key=value for both training runs")
     args = parser.parse_args(argv)
@@ -344,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, eval_policy) in runs.items():
         models[name] = evaluate_run(args.out / name, eval_policy, data, window, args)
     summary = {
-        "task": "retrieval-text: a code stated first, scene images as the haystack, then the question",
+        "task": "retrieval-text: a one-word needle first, scene images as the haystack, then the question",
+        "rotary_base": args.rotary_base,
         "steps": args.steps,
         "trained_window": window,
         "train_images": args.train_images,

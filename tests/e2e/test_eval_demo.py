@@ -12,7 +12,7 @@ from tests.parallel.launch import REPO_ROOT
 MULTIPLES = ("1x", "2x", "4x", "8x")
 
 
-def _run(out, steps: int) -> subprocess.CompletedProcess:
+def _run(out, steps: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -29,6 +29,7 @@ def _run(out, steps: int) -> subprocess.CompletedProcess:
         "8",
         "--batch",
         "2",
+        *extra,
     ]
     return subprocess.run(cmd, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
@@ -54,6 +55,8 @@ def test_eval_demo_trains_both_models_and_reports_every_length(tmp_path):
             if name == "baseline":
                 assert row["delta"] == 1.0
         assert len(summary["losses"][name]) == 6
+        written = json.loads((out / name / "checkpoints" / "vlm_config.json").read_text())
+        assert written["language"]["rotary_base"] == summary["rotary_base"] == 5000.0
     v2pe = summary["models"]["v2pe"]
     # auto keeps every position inside the trained window, with a smaller δ for longer inputs
     assert all(row["last_position"] <= window for row in v2pe.values())
@@ -66,3 +69,6 @@ def test_eval_demo_trains_both_models_and_reports_every_length(tmp_path):
     again = _run(out, steps=6)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert again.stdout.count("reusing the checkpoint") == 2
+    # other settings in the same directory are refused rather than mixed with the old runs
+    other = _run(out, 6, "--rotary-base", "500")
+    assert other.returncode != 0 and "trained with other settings" in other.stderr, other.stderr[-3000:]
