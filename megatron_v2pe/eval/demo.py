@@ -323,7 +323,7 @@ def table(summary: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/v2pe_demo"))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--train-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=64, help="per length")
     parser.add_argument("--train-images", type=int, default=16, help="images per training sample (most)")
