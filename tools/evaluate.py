@@ -10,6 +10,7 @@ Writes ``results.json`` (scores by task, context length and needle depth, and ev
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from collections.abc import Sequence
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tiles", type=int, default=6, help="tile budget of one sample's images")
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--attention-backend", choices=["auto", "te", "torch", "reference"], default="auto")
+    parser.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split every sequence over this many ranks (teacher-forced only; launch with torchrun "
+        "--nproc-per-node N, N = this size)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     return parser
 
@@ -87,7 +95,7 @@ def _load(args: argparse.Namespace):
     from megatron_v2pe.parallel.runtime import current_device
 
     if not parallel_state.model_parallel_is_initialized():
-        initialize(seed=0)
+        initialize(context_parallel_size=args.context_parallel_size, seed=0)
     tokenizer_path = args.tokenizer or args.checkpoint / TOKENIZER_DIR
     tokenizer = load_tokenizer(tokenizer_path)
     config, window = None, args.trained_window
@@ -111,6 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         print("error: --max-new-tokens and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.context_parallel_size != world or (world > 1 and not args.teacher_forced):
+        print(
+            f"error: --context-parallel-size {args.context_parallel_size} with {world} process(es): context "
+            "parallelism scores teacher-forced (add --teacher-forced) on exactly that many ranks "
+            f"(torchrun --nproc-per-node {args.context_parallel_size})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         stats = mmniah.ShardReadStats()
         records = mmniah.read_records(args.data, args.task, args.image_root, stats)
@@ -122,8 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     policy = args.delta_policy or f"auto:{window}"
 
+    lead = int(os.environ.get("RANK", "0")) == 0  # under context parallelism every rank has the verdicts
+
     def progress(done: int, total: int) -> None:
-        print(f"\r{done}/{total} samples", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        if lead:
+            print(f"\r{done}/{total} samples", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     try:
         results = mmniah.evaluate_records(
@@ -154,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": stats.skipped,
         **summary,
     }
+    if not lead:
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{args.checkpoint.name} (δ {policy})"

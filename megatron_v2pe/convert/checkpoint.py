@@ -71,16 +71,17 @@ def config_from_dict(data: dict[str, Any]) -> VLMConfig:
 def build_model(
     config: VLMConfig, dtype: torch.dtype, attention_backend: AttentionBackend = "auto"
 ) -> InternVLModel:
-    """The model at the current parallel layout, uninitialised (its weights are about to be overwritten).
-    ``megatron_v2pe.parallel.initialize`` must have run."""
+    """The model at the current parallel layout (TP, and CP for the language model), uninitialised (its
+    weights are about to be overwritten). ``megatron_v2pe.parallel.initialize`` must have run."""
     fields = {
         "params_dtype": dtype,
         "perform_initialization": False,
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
     }
+    cp = ps.get_context_parallel_world_size()  # the vision tower runs whole tiles: no CP in its config
     return InternVLModel(
         config,
-        language_transformer_config(config, **fields),
+        language_transformer_config(config, **fields, context_parallel_size=cp),
         vision_transformer_config(config, **fields),
         attention_backend=attention_backend,
     )

@@ -5,6 +5,11 @@ every answer position (the logits of the token before it) is the answer token, i
 decoding would have produced the answer. Positions follow the δ policy over question + answer, so the
 answer tokens continue +1 from the question's last position as in generation. Several (question, answer)
 pairs run as one packed batch.
+
+Under context parallelism (a model built with ``context_parallel_size`` > 1, every rank of the CP group
+calling with the same inputs) each sub-sample is padded to a multiple of 2·CP, every rank runs its
+zigzag share of the tokens (``parallel/context_parallel.py``), and the per-sample counts of wrong answer
+tokens are summed over the group, so every rank returns the same verdicts.
 """
 
 from __future__ import annotations
@@ -13,9 +18,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from megatron_v2pe.data.batch import IGNORE_INDEX
 from megatron_v2pe.eval.generation import Prompt, packed_params, prompt_positions, resolve_delta_policy
 from megatron_v2pe.model.vlm import InternVLModel
+from megatron_v2pe.parallel.context_parallel import (
+    context_parallel_group,
+    image_feature_index,
+    zigzag_token_indices,
+)
+from megatron_v2pe.parallel.reference_attention import segment_ids
 from megatron_v2pe.v2pe.positions import DeltaPolicy
 
 
@@ -41,19 +54,39 @@ def teacher_forced_correct(
         raise ValueError("answers may not contain <IMG_CONTEXT> tokens")
     full = [Prompt(list(q.tokens) + list(a), q.pixel_values) for q, a in zip(questions, answers)]
     positions, _ = prompt_positions(model, full, resolve_delta_policy(model, delta_policy))
+    group = context_parallel_group() if model.config.context_parallel_size > 1 else None
+    cp = 1 if group is None else group.size()
+    tokens, targets, token_positions, lengths = [], [], [], []
+    for prompt, question, answer, pos in zip(full, questions, answers, positions):
+        n = len(prompt.tokens)
+        padded = -(-n // (2 * cp)) * (2 * cp) if cp > 1 else n  # pads sit after the answer: never seen
+        target = np.full(padded, IGNORE_INDEX)
+        first = len(question.tokens) - 1  # the logits that predict the first answer token
+        target[first : first + len(answer)] = answer
+        tokens.append(np.concatenate([prompt.tokens, np.zeros(padded - n, dtype=np.int64)]))
+        token_positions.append(np.concatenate([pos, pos[-1] + 1 + np.arange(padded - n)]))
+        targets.append(target)
+        lengths.append(padded)
     device = next(model.parameters()).device
+    params = packed_params(lengths, device)
+    cu = params.cu_seqlens_q.cpu()
+    ids = torch.from_numpy(np.concatenate(tokens)).to(torch.long)
+    mine = torch.arange(len(ids)) if cp == 1 else zigzag_token_indices(cu, cp, group.rank())
     tiles = [p.pixel_values for p in full if p.pixel_values is not None]
-    lengths = [len(p.tokens) for p in full]
     logits = model(
-        input_ids=torch.tensor(np.concatenate([p.tokens for p in full]), device=device)[None],
-        positions=torch.from_numpy(np.concatenate(positions)).to(device)[None],
+        input_ids=ids[mine].to(device)[None],
+        positions=torch.from_numpy(np.concatenate(token_positions))[mine].to(device)[None],
         pixel_values=torch.cat(tiles).to(device) if tiles else None,
-        packed_seq_params=packed_params(lengths, device),
+        packed_seq_params=params,
+        image_feature_index=(
+            None if cp == 1 else image_feature_index(ids, model.vlm_config.img_context_token_id)[mine].to(device)
+        ),
     )
-    predicted = logits[0].argmax(dim=-1).tolist()
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    results = []
-    for start, question, answer in zip(starts, questions, answers):
-        first = start + len(question.tokens) - 1  # the logits that predict the first answer token
-        results.append(predicted[first : first + len(answer)] == list(answer))
-    return results
+    target = torch.from_numpy(np.concatenate(targets))[mine].to(device)
+    scored = target != IGNORE_INDEX
+    wrong = torch.zeros(len(full), dtype=torch.long, device=device)
+    sample = segment_ids(cu, len(ids))[mine].to(device)
+    wrong.index_add_(0, sample[scored], (logits[0].argmax(dim=-1)[scored] != target[scored]).long())
+    if group is not None:
+        dist.all_reduce(wrong, group=group)
+    return (wrong == 0).tolist()

@@ -4,7 +4,10 @@ them out, and tools/evaluate.py end to end on a tiny untrained model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from megatron_v2pe.data.tokenizer import IM_END, load_tokenizer, train_sentencep
 from megatron_v2pe.eval import mmniah
 from megatron_v2pe.eval.scoring import TASK_KINDS
 from tests.data.helpers import load_tool
+from tests.parallel.launch import REPO_ROOT, free_port
 
 TILE = 56  # the tiny preset's tile: 4 <IMG_CONTEXT> per tile
 TOKENS_PER_TILE = 4
@@ -283,3 +287,27 @@ def test_evaluate_end_to_end(tmp_path, tokenizer, tokenizer_dir, mmniah_dir, syn
     assert summary["mode"] == "teacher-forced" and summary["delta_policy"] == "fixed:0.5"
     assert summary["length_bins"] == ["256-1024", ">=1024"]
     assert summary["counts"]["retrieval-text-needle"] == [[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]]
+
+    # the same scoring with every sequence split over two context-parallel ranks
+    out3 = tmp_path / "out3"
+    arguments = [
+        "--checkpoint", str(checkpoint),
+        "--data", str(mmniah_dir / "*.jsonl"),
+        "--teacher-forced",
+        "--length-from", "meta",
+        "--length-bins", "256", "1024",
+        "--delta-policy", "fixed:0.5",
+        "--attention-backend", "reference",
+        "--context-parallel-size", "2",
+        "--out", str(out3),
+    ]  # fmt: skip
+    assert evaluate.main(arguments) == 2  # two ranks asked for, one process here
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
+    proc = subprocess.run(
+        [*launch, str(REPO_ROOT / "tools" / "evaluate.py"), *arguments],
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    under_cp = json.loads((out3 / "results.json").read_text())
+    assert under_cp["samples"] == summary["samples"] and under_cp["cells"] == summary["cells"]

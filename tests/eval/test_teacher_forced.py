@@ -1,4 +1,5 @@
-"""Teacher-forced scoring agrees with greedy generation on planted answers."""
+"""Teacher-forced scoring agrees with greedy generation on planted answers, also under context
+parallelism."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from megatron_v2pe.eval.generation import Prompt, generate
 from megatron_v2pe.eval.teacher_forced import teacher_forced_correct
 from megatron_v2pe.model.presets import language_transformer_config, tiny
 from megatron_v2pe.model.vlm import InternVLModel
+from tests.eval.test_generation import _prompts
 from tests.model.vlm_batches import sub_sample
+from tests.parallel.launch import run_torchrun
 
 pytestmark = pytest.mark.usefixtures("megatron_runtime")
 
@@ -45,3 +48,23 @@ def test_mismatched_inputs_are_refused(model):
         teacher_forced_correct(model, _questions(), [[5]])
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         teacher_forced_correct(model, _questions(), [[CONFIG.img_context_token_id], [5]])
+
+
+def _changed(tokens: list[int], k: int) -> list[int]:
+    """``tokens`` with its k-th token replaced by another that is not <IMG_CONTEXT>."""
+    other = next(t for t in range(CONFIG.language.vocab_size) if t not in (tokens[k], CONFIG.img_context_token_id))
+    return tokens[:k] + [other] + tokens[k + 1 :]
+
+
+def test_context_parallel_scoring_equals_single_process(model, tmp_path):
+    """CP=2 over prompts of 17, 6 and 20 tokens with 6-token answers: the answers cross the boundary of
+    the chunks the two ranks hold, so a right verdict needs both ranks' argmax."""
+    questions, policy = _prompts(), "fixed:0.25"
+    greedy = generate(model, questions, 6, delta_policy=policy).tokens
+    answers = [greedy[0], _changed(greedy[1], 0), _changed(greedy[2], 5)]
+    expected = teacher_forced_correct(model, questions, answers, delta_policy=policy)
+    assert expected == [True, False, False]
+    inputs = {"state": model.state_dict(), "questions": questions, "answers": answers, "policy": policy}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = run_torchrun("teacher_forced_cp.py", 2, tmp_path, "--cp", "2")
+    assert result["per_rank"] == [expected, expected]

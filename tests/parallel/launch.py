@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -25,7 +25,7 @@ def run_torchrun(worker: str, nproc: int, tmp_path: Path, *args: str, timeout: i
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={_free_port()}", str(WORKERS / worker),
+        f"--master-port={free_port()}", str(WORKERS / worker),
         "--result", str(result), "--workdir", str(tmp_path), *args,
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
