@@ -296,6 +296,7 @@ def plot(summary: dict, path: Path) -> None:
     xs = list(MULTIPLES)
     for name, label in (("v2pe", "V2PE (δ auto)"), ("baseline", "baseline (δ = 1)")):
         ax.plot(xs, [summary["models"][name][f"{m}x"]["accuracy"] for m in xs], marker="o", label=label)
+    ax.axhline(1 / len(_ANIMALS), color="gray", linestyle=":", label=f"chance (1/{len(_ANIMALS)})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{m}x\n{summary['models']['v2pe'][f'{m}x']['prompt_tokens']} tok" for m in xs])
     ax.set_ylim(-0.03, 1.03)
