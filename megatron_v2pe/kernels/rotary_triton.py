@@ -19,8 +19,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_TOKENS = 32  # tokens per program instance
-NUM_WARPS = 4
+# Launch shape: the fastest of the sweep in benchmarks/gpu/bench_rotary_gpu.py on an H200 (forward at
+# InternVL2-2B shapes, bf16: 83% of copy bandwidth at 32K tokens and 90% at 256K, against 76% and 82%
+# for 32 tokens x 4 warps; benchmarks/results/2026-11-26-nvidia-h200.md).
+BLOCK_TOKENS = 16  # tokens per program instance
+NUM_WARPS = 8
 
 
 @triton.jit
