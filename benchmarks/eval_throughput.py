@@ -90,7 +90,9 @@ def main() -> None:
     model, backend = build(args.preset, device, dtype)
     rng = np.random.default_rng(0)
     vocab = model.vlm_config.language.vocab_size
-    lengths = rng.integers(int(args.prompt_tokens * 0.75), int(args.prompt_tokens * 1.25) + 1, size=args.batch)
+    lengths = rng.integers(
+        int(args.prompt_tokens * 0.75), int(args.prompt_tokens * 1.25) + 1, size=args.batch
+    )
     prompts = [Prompt(rng.integers(10, vocab, size=int(n)).tolist()) for n in lengths]
     print(f"{machine_description()}; {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'no GPU'}")
     print(f"model {args.preset} ({str(dtype).removeprefix('torch.')}), attention backend {backend}\n")

@@ -10,8 +10,8 @@ Writes ``results.json`` (scores by task, context length and needle depth, and ev
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path

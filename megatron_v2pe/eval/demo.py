@@ -14,7 +14,7 @@ Both runs use ``examples/configs/tiny_cpu.yaml``, the same data, seed and steps,
 ``--rotary-base`` (5,000 by default; the README says why, and what other bases give); only
 ``data.delta_policy`` differs (``random``: δ drawn per image from {1, 1/2, ..., 1/256}; ``none``: δ = 1).
 They train side by side, one single-threaded process each. Evaluation is teacher-forced (correct when the
-argmax token equals the answer), the V2PE model with ``auto:<window>`` (largest δ that keeps every position
+argmax tokens equal the answer's tokens), the V2PE model with ``auto:<window>`` (largest δ that keeps every position
 inside the longest training sample) and the baseline with ``none``. Data and checkpoints under ``--out``
 are reused when they match the arguments and already reached ``--steps``.
 
@@ -40,7 +40,6 @@ from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
 from megatron_v2pe.data.images import encode_png
 from megatron_v2pe.data.long_context_synth import (
     _ANIMALS,
-    SynthConfig,
     SynthSample,
     draw_scene,
     random_objects,
@@ -58,16 +57,14 @@ NEEDLE = "The secret animal is the {animal}."
 QUESTION = "Which animal is the secret one? Answer with one word."
 
 
-def needle_sample(key: str, images: int, rng: np.random.Generator, config: SynthConfig) -> SynthSample:
-    """A text needle first, then `images` scene images, then the question."""
-    animal = str(rng.choice(_ANIMALS))
+def needle_sample(key: str, images: int, rng: np.random.Generator, animal: str | None = None) -> SynthSample:
+    """A text needle first, then `images` scene images, then the question (a random animal if none)."""
+    animal = animal or str(rng.choice(_ANIMALS))
     scenes = [
         draw_scene(rng, random_objects(rng, int(rng.integers(1, 5))), WIDE * TINY_TILE, TINY_TILE)
         for _ in range(images)
     ]
-    prompt = "\n".join(
-        [NEEDLE.format(animal=animal), "<image>" * images, QUESTION]
-    )
+    prompt = "\n".join([NEEDLE.format(animal=animal), "<image>" * images, QUESTION])
     meta = {
         "family": "mmniah",
         "task": "retrieval-text",
@@ -122,28 +119,31 @@ def synthesise(
     stamp = out / "data.json"
     if stamp.is_file() and json.loads(stamp.read_text())["spec"] == spec:
         return {**paths, **json.loads(stamp.read_text())["sizes"]}
-    config = SynthConfig(image_size=TINY_TILE, tokens_per_image=TOKENS_PER_TILE)
     rng = np.random.default_rng(seed)
     low, high = min_train_images, train_images
     train = [
-        needle_sample(f"train-{i:06d}", int(rng.integers(low, high + 1)), rng, config)
-        for i in range(train_samples)
+        needle_sample(f"train-{i:06d}", int(rng.integers(low, high + 1)), rng) for i in range(train_samples)
     ]
     write_samples(train, paths["train"])
     texts = [INTERNVL2_SYSTEM_MESSAGE, "system user assistant"]
     texts += [s.conversations[0]["value"].replace("<image>", " ") for s in train]
     train_sentencepiece(texts, paths["tokenizer"], vocab_size=512)
-    # tokens = base + per_image * images (the text around the images has a fixed length up to a digit)
-    probe = [needle_sample("probe", n, np.random.default_rng(0), config) for n in (1, 2)]
-    short, long = (_prompt_tokens(paths["tokenizer"], p) for p in probe)
-    per_image = long - short
-    base = short - per_image
-    window = round(base + per_image * high) + 1  # the longest training sample (prompt + answer)
-    images = {f"{m}x": max(1, int((m * window - base - 1) // per_image)) for m in MULTIPLES}
+
+    # tokens = base + per_image * images, base being the text around the images with the longest animal
+    def probe(images: int, animal: str) -> int:
+        return _prompt_tokens(
+            paths["tokenizer"], needle_sample("probe", images, np.random.default_rng(0), animal)
+        )
+
+    one_image = {animal: probe(1, animal) for animal in _ANIMALS}
+    per_image = probe(2, _ANIMALS[0]) - one_image[_ANIMALS[0]]
+    base = max(one_image.values()) - per_image
+    window = base + per_image * high + 1  # the longest training sample (prompt + answer), one token of slack
+    images = {f"{m}x": max(1, (m * window - base - 1) // per_image) for m in MULTIPLES}
     for m in MULTIPLES:
         rng_m = np.random.default_rng([seed, m])
         write_samples(
-            [needle_sample(f"eval{m}x-{i:06d}", images[f"{m}x"], rng_m, config) for i in range(eval_samples)],
+            [needle_sample(f"eval{m}x-{i:06d}", images[f"{m}x"], rng_m) for i in range(eval_samples)],
             paths[f"{m}x"],
         )
     sizes = {"window": window, "images": images}
@@ -200,14 +200,19 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
         command = [sys.executable, "-m", "megatron_v2pe.training.train", *arguments]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        procs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log)
+        procs[name] = (
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
+            log,
+        )
         print(f"{name}: training {args.steps} steps (δ {policy}), log {run / 'train.log'}", flush=True)
     failed = []
     for name, (proc, log) in procs.items():
         rc = proc.wait()
         log.close()
         if rc != 0 or _trained_to(args.out / name) < args.steps:
-            failed.append(f"{name} (exit status {rc}, step {_trained_to(args.out / name)}; see its train.log)")
+            failed.append(
+                f"{name} (exit status {rc}, step {_trained_to(args.out / name)}; see its train.log)"
+            )
     if failed:  # a run stopped by a signal saved its checkpoint: running the demo again resumes it
         raise SystemExit("training failed: " + ", ".join(failed))
     if procs:
@@ -230,7 +235,7 @@ def _load_model(run: Path, tokenizer: Path, seq_len: int):
     return model, tok
 
 
-def evaluate_run(run: Path, policy: str, data: dict, window: int, args: argparse.Namespace) -> dict:
+def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -> dict:
     """Accuracy at every multiple, with the δ the policy chose and the prompt lengths."""
     from megatron_v2pe.eval import mmniah
     from megatron_v2pe.eval.generation import prompt_positions
@@ -343,7 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     data = synthesise(
-        args.out / "data", args.train_samples, args.eval_samples, args.train_images, args.min_train_images, args.seed
+        args.out / "data",
+        args.train_samples,
+        args.eval_samples,
+        args.train_images,
+        args.min_train_images,
+        args.seed,
     )
     window = data["window"]
     args.seq_len = window + window % 2  # a multiple of the padding multiple
@@ -351,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_runs({name: train_policy for name, (train_policy, _) in runs.items()}, data, args)
     models = {}
     for name, (_, eval_policy) in runs.items():
-        models[name] = evaluate_run(args.out / name, eval_policy, data, window, args)
+        models[name] = evaluate_run(args.out / name, eval_policy, data, args)
     summary = {
         "task": "retrieval-text: a one-word needle first, scene images as the haystack, then the question",
         "rotary_base": args.rotary_base,

@@ -79,7 +79,9 @@ def teacher_forced_correct(
         pixel_values=torch.cat(tiles).to(device) if tiles else None,
         packed_seq_params=params,
         image_feature_index=(
-            None if cp == 1 else image_feature_index(ids, model.vlm_config.img_context_token_id)[mine].to(device)
+            None
+            if cp == 1
+            else image_feature_index(ids, model.vlm_config.img_context_token_id)[mine].to(device)
         ),
     )
     target = torch.from_numpy(np.concatenate(targets))[mine].to(device)

@@ -52,7 +52,9 @@ def test_mismatched_inputs_are_refused(model):
 
 def _changed(tokens: list[int], k: int) -> list[int]:
     """``tokens`` with its k-th token replaced by another that is not <IMG_CONTEXT>."""
-    other = next(t for t in range(CONFIG.language.vocab_size) if t not in (tokens[k], CONFIG.img_context_token_id))
+    other = next(
+        t for t in range(CONFIG.language.vocab_size) if t not in (tokens[k], CONFIG.img_context_token_id)
+    )
     return tokens[:k] + [other] + tokens[k + 1 :]
 
 
