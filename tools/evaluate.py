@@ -85,33 +85,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer, trained window) from the checkpoint and its configuration."""
-    from megatron.core import parallel_state
+    """(model, tokenizer, trained window) from the command line."""
+    from megatron_v2pe.eval.loading import load_for_evaluation
 
-    from megatron_v2pe.convert.checkpoint import TOKENIZER_DIR, config_from_dict, load_megatron
-    from megatron_v2pe.data.loader import check_tokenizer_matches
-    from megatron_v2pe.data.tokenizer import load_tokenizer
-    from megatron_v2pe.parallel import initialize
-    from megatron_v2pe.parallel.runtime import current_device
-
-    if not parallel_state.model_parallel_is_initialized():
-        initialize(context_parallel_size=args.context_parallel_size, seed=0)
-    tokenizer_path = args.tokenizer or args.checkpoint / TOKENIZER_DIR
-    tokenizer = load_tokenizer(tokenizer_path)
-    config, window = None, args.trained_window
-    if args.model_config is not None:
-        if args.model_config.suffix in (".yaml", ".yml"):
-            from megatron_v2pe.training.config import load_config
-            from megatron_v2pe.training.train import model_config
-
-            train = load_config(args.model_config)
-            config = model_config(train, tokenizer)
-            window = window or train.data.max_seq_len
-        else:
-            config = config_from_dict(json.loads(args.model_config.read_text()))
-    model, config = load_megatron(args.checkpoint, config, attention_backend=args.attention_backend)
-    check_tokenizer_matches(tokenizer, config)
-    return model.to(current_device()).eval(), tokenizer, window or config.language.max_sequence_length
+    return load_for_evaluation(
+        args.checkpoint,
+        tokenizer=args.tokenizer,
+        model_config=args.model_config,
+        trained_window=args.trained_window,
+        attention_backend=args.attention_backend,
+        context_parallel_size=args.context_parallel_size,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

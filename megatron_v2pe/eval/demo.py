@@ -25,7 +25,6 @@ and ``<out>/accuracy_vs_length.png``, and prints the table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -219,29 +218,16 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
         print(f"trained {', '.join(procs)} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def _load_model(run: Path, tokenizer: Path, seq_len: int):
-    """The run's model through tools/evaluate.py's loader (the architecture from the run's vlm_config.json)."""
-    spec = importlib.util.spec_from_file_location("_v2pe_evaluate", REPO / "tools" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
-    ns = argparse.Namespace(
-        checkpoint=run / "checkpoints",
-        tokenizer=tokenizer,
-        model_config=None,
-        trained_window=seq_len,
-        attention_backend="reference",
-    )
-    model, tok, _ = evaluate._load(ns)
-    return model, tok
-
-
 def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -> dict:
     """Accuracy at every multiple, with the δ the policy chose and the prompt lengths."""
     from megatron_v2pe.eval import mmniah
     from megatron_v2pe.eval.generation import prompt_positions
+    from megatron_v2pe.eval.loading import load_for_evaluation
     from megatron_v2pe.v2pe.positions import parse_delta_policy
 
-    model, tokenizer = _load_model(run, data["tokenizer"], args.seq_len)
+    model, tokenizer, _ = load_for_evaluation(
+        run / "checkpoints", tokenizer=data["tokenizer"], attention_backend="reference"
+    )
     parsed = parse_delta_policy(policy)
     rows = {}
     for m in MULTIPLES:
