@@ -56,35 +56,22 @@ def teacher_forced_correct(
     positions, _ = prompt_positions(model, full, resolve_delta_policy(model, delta_policy))
     group = context_parallel_group() if model.config.context_parallel_size > 1 else None
     cp = 1 if group is None else group.size()
-    tokens, targets, token_positions, lengths = [], [], [], []
-    for prompt, question, answer, pos in zip(full, questions, answers, positions):
-        n = len(prompt.tokens)
-        padded = -(-n // (2 * cp)) * (2 * cp) if cp > 1 else n  # pads sit after the answer: never seen
-        target = np.full(padded, IGNORE_INDEX)
-        first = len(question.tokens) - 1  # the logits that predict the first answer token
-        target[first : first + len(answer)] = answer
-        tokens.append(np.concatenate([prompt.tokens, np.zeros(padded - n, dtype=np.int64)]))
-        token_positions.append(np.concatenate([pos, pos[-1] + 1 + np.arange(padded - n)]))
-        targets.append(target)
-        lengths.append(padded)
+    ids, targets, token_positions, lengths = _padded_pack(
+        full, [len(q.tokens) for q in questions], answers, positions, 2 * cp if cp > 1 else 1
+    )
     device = next(model.parameters()).device
     params = packed_params(lengths, device)
     cu = params.cu_seqlens_q.cpu()
-    ids = torch.from_numpy(np.concatenate(tokens)).to(torch.long)
     mine = torch.arange(len(ids)) if cp == 1 else zigzag_token_indices(cu, cp, group.rank())
     tiles = [p.pixel_values for p in full if p.pixel_values is not None]
     logits = model(
         input_ids=ids[mine].to(device)[None],
-        positions=torch.from_numpy(np.concatenate(token_positions))[mine].to(device)[None],
+        positions=token_positions[mine].to(device)[None],
         pixel_values=torch.cat(tiles).to(device) if tiles else None,
         packed_seq_params=params,
-        image_feature_index=(
-            None
-            if cp == 1
-            else image_feature_index(ids, model.vlm_config.img_context_token_id)[mine].to(device)
-        ),
+        image_feature_index=None if cp == 1 else image_feature_index(ids, image_id)[mine].to(device),
     )
-    target = torch.from_numpy(np.concatenate(targets))[mine].to(device)
+    target = targets[mine].to(device)
     scored = target != IGNORE_INDEX
     wrong = torch.zeros(len(full), dtype=torch.long, device=device)
     sample = segment_ids(cu, len(ids))[mine].to(device)
@@ -92,3 +79,31 @@ def teacher_forced_correct(
     if group is not None:
         dist.all_reduce(wrong, group=group)
     return (wrong == 0).tolist()
+
+
+def _padded_pack(
+    full: Sequence[Prompt],
+    question_lengths: Sequence[int],
+    answers: Sequence[Sequence[int]],
+    positions: Sequence[np.ndarray],
+    multiple: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """(token ids, targets, positions, sub-sample lengths) of the pack of question + answer sequences,
+    each padded to a multiple of ``multiple``. A target is the answer token at the position whose logits
+    predict it, IGNORE_INDEX elsewhere. Pads follow the answer, so causal attention hides them."""
+    tokens, targets, padded_positions, lengths = [], [], [], []
+    for prompt, question_length, answer, pos in zip(full, question_lengths, answers, positions):
+        n = len(prompt.tokens)
+        padded = -(-n // multiple) * multiple
+        target = np.full(padded, IGNORE_INDEX)
+        target[question_length - 1 : question_length - 1 + len(answer)] = answer
+        tokens.append(np.concatenate([prompt.tokens, np.zeros(padded - n, dtype=np.int64)]))
+        padded_positions.append(np.concatenate([pos, pos[-1] + 1 + np.arange(padded - n)]))
+        targets.append(target)
+        lengths.append(padded)
+    return (
+        torch.from_numpy(np.concatenate(tokens)).to(torch.long),
+        torch.from_numpy(np.concatenate(targets)),
+        torch.from_numpy(np.concatenate(padded_positions)),
+        lengths,
+    )
