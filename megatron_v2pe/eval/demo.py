@@ -54,6 +54,7 @@ TOKENS_PER_TILE = 4  # the tiny preset's
 WIDE = 7  # images are WIDE tiles wide: WIDE tiles + a thumbnail, so mostly visual tokens
 NEEDLE = "The secret animal is the {animal}."
 QUESTION = "Which animal is the secret one? Answer with one word."
+PROGRESS_SECONDS = 30.0
 
 
 def needle_sample(key: str, images: int, rng: np.random.Generator, animal: str | None = None) -> SynthSample:
@@ -204,6 +205,7 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
             log,
         )
         print(f"{name}: training {args.steps} steps (δ {policy}), log {run / 'train.log'}", flush=True)
+    _wait_with_progress({name: proc for name, (proc, _) in procs.items()}, args)
     failed = []
     for name, (proc, log) in procs.items():
         rc = proc.wait()
@@ -216,6 +218,26 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
         raise SystemExit("training failed: " + ", ".join(failed))
     if procs:
         print(f"trained {', '.join(procs)} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _wait_with_progress(procs: dict[str, subprocess.Popen], args: argparse.Namespace) -> None:
+    """Wait for the training processes, printing every run's latest logged step and loss twice a minute."""
+    start = last = time.perf_counter()
+    while any(proc.poll() is None for proc in procs.values()):
+        time.sleep(1.0)
+        if time.perf_counter() - last < PROGRESS_SECONDS:
+            continue
+        last = time.perf_counter()
+        parts = []
+        for name in procs:
+            logged = _metrics(args.out / name)
+            step = (
+                f"step {logged[-1]['iteration']}/{args.steps}, loss {logged[-1]['loss']:.3f}"
+                if logged
+                else "starting"
+            )
+            parts.append(f"{name} {step}")
+        print(f"  [{last - start:4.0f} s] " + " | ".join(parts), flush=True)
 
 
 def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -> dict:
@@ -270,11 +292,16 @@ def _last_position(model, built, policy, answer_tokens: int) -> float:
     return float(positions[0][-1] + answer_tokens)
 
 
-def _losses(run: Path) -> list[float]:
+def _metrics(run: Path) -> list[dict]:
+    """The run's logged steps (logging.metrics_file), oldest first."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _losses(run: Path) -> list[float]:
+    return [record["loss"] for record in _metrics(run)]
 
 
 def plot(summary: dict, path: Path) -> None:
