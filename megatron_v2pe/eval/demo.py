@@ -268,28 +268,18 @@ def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -
         )
         built = mmniah.build_prompt(builder, records[0])
         answer = len(built.answer_tokens)
-        _, deltas = prompt_positions(model, [mmniah._prompt(built)], parsed, reserve=answer)
-        positions_span = _last_position(model, built, parsed, answer)
+        (positions,), (deltas,) = prompt_positions(model, [mmniah._prompt(built)], parsed, reserve=answer)
         rows[f"{m}x"] = {
             "multiple": m,
             "accuracy": float(np.mean([r.score for r in results])),
             "samples": len(results),
             "prompt_tokens": int(np.mean([r.prompt_tokens for r in results])),
-            "delta": float(np.min(deltas[0])) if deltas[0].size else 1.0,
-            "last_position": positions_span,
+            "delta": float(np.min(deltas)) if deltas.size else 1.0,
+            "last_position": float(positions[-1] + answer),  # of the last answer token
             "seconds": round(time.perf_counter() - start, 1),
         }
         print(f"  {run.name} {m}x: {rows[f'{m}x']}", flush=True)
     return rows
-
-
-def _last_position(model, built, policy, answer_tokens: int) -> float:
-    """Position of the last answer token of one prompt under the policy."""
-    from megatron_v2pe.eval import mmniah
-    from megatron_v2pe.eval.generation import prompt_positions
-
-    positions, _ = prompt_positions(model, [mmniah._prompt(built)], policy, reserve=answer_tokens)
-    return float(positions[0][-1] + answer_tokens)
 
 
 def _metrics(run: Path) -> list[dict]:
