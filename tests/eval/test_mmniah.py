@@ -270,18 +270,16 @@ def test_evaluate_end_to_end(tmp_path, tokenizer, tokenizer_dir, mmniah_dir, syn
 
     # teacher-forced scoring by metadata lengths, with explicit bins
     out2 = tmp_path / "out2"
-    code = evaluate.main(
-        [
-            "--checkpoint", str(checkpoint),
-            "--data", str(mmniah_dir / "*.jsonl"),
-            "--teacher-forced",
-            "--length-from", "meta",
-            "--length-bins", "256", "1024",
-            "--delta-policy", "fixed:0.5",
-            "--attention-backend", "reference",
-            "--out", str(out2),
-        ]
-    )  # fmt: skip
+    teacher_forced = [
+        "--checkpoint", str(checkpoint),
+        "--data", str(mmniah_dir / "*.jsonl"),
+        "--teacher-forced",
+        "--length-from", "meta",
+        "--length-bins", "256", "1024",
+        "--delta-policy", "fixed:0.5",
+        "--attention-backend", "reference",
+    ]  # fmt: skip
+    code = evaluate.main([*teacher_forced, "--out", str(out2)])
     assert code == 0
     summary = json.loads((out2 / "results.json").read_text())
     assert summary["mode"] == "teacher-forced" and summary["delta_policy"] == "fixed:0.5"
@@ -290,17 +288,7 @@ def test_evaluate_end_to_end(tmp_path, tokenizer, tokenizer_dir, mmniah_dir, syn
 
     # the same scoring with every sequence split over two context-parallel ranks
     out3 = tmp_path / "out3"
-    arguments = [
-        "--checkpoint", str(checkpoint),
-        "--data", str(mmniah_dir / "*.jsonl"),
-        "--teacher-forced",
-        "--length-from", "meta",
-        "--length-bins", "256", "1024",
-        "--delta-policy", "fixed:0.5",
-        "--attention-backend", "reference",
-        "--context-parallel-size", "2",
-        "--out", str(out3),
-    ]  # fmt: skip
+    arguments = [*teacher_forced, "--context-parallel-size", "2", "--out", str(out3)]
     assert evaluate.main(arguments) == 2  # two ranks asked for, one process here
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
     proc = subprocess.run(
