@@ -54,4 +54,6 @@ def test_projector_matches_float64_reference_tile_major():
     expected = reference_projector(projector.state_dict(), tokens.reshape(-1, tokens.shape[-1]))
     assert got.shape == (tiles * TINY.tokens_per_tile, TINY.language.hidden_size)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got, torch.cat(per_tile), atol=0, rtol=0)
+    # Batched and per-tile runs use matrices of other shapes, so BLAS may pick other kernels: equal to
+    # rounding, not bit for bit.
+    torch.testing.assert_close(got, torch.cat(per_tile), atol=1e-5, rtol=1e-5)
