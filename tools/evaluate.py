@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
     parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prompt tokens per forward of the prefill (default 8192); smaller needs less memory",
+    )
+    parser.add_argument(
         "--teacher-forced",
         action="store_true",
         help="score by one forward over prompt + gold answer instead of generating",
@@ -77,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "--context-parallel-size",
         type=int,
         default=1,
-        help="split every sequence over this many ranks (teacher-forced only; launch with torchrun "
+        help="shard the KV cache of every sequence over this many ranks (launch with torchrun "
         "--nproc-per-node N, N = this size)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -100,15 +106,14 @@ def _load(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        print("error: --max-new-tokens and --batch-size must be >= 1", file=sys.stderr)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.prefill_chunk or 1) < 1:
+        print("error: --max-new-tokens, --batch-size and --prefill-chunk must be >= 1", file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.context_parallel_size != world or (world > 1 and not args.teacher_forced):
+    if args.context_parallel_size != world:
         print(
-            f"error: --context-parallel-size {args.context_parallel_size} with {world} process(es): context "
-            "parallelism scores teacher-forced (add --teacher-forced) on exactly that many ranks "
-            f"(torchrun --nproc-per-node {args.context_parallel_size})",
+            f"error: --context-parallel-size {args.context_parallel_size} with {world} process(es): run "
+            f"on exactly that many ranks (torchrun --nproc-per-node {args.context_parallel_size})",
             file=sys.stderr,
         )
         return 2
@@ -124,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy = args.delta_policy or f"auto:{window}"
 
     lead = int(os.environ.get("RANK", "0")) == 0  # under context parallelism every rank has the verdicts
+    if lead:  # the memory plan of every batch
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("megatron_v2pe.eval.memory_plan").setLevel(logging.INFO)
 
     def progress(done: int, total: int) -> None:
         if lead:
@@ -141,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             length_source=args.length_from,
             max_tiles=args.max_tiles,
             progress=progress,
+            prefill_chunk=args.prefill_chunk,
         )
         edges = args.length_bins or mmniah.default_length_edges(r.context_length for r in results)
         summary = mmniah.report_dict(results, edges)

@@ -56,7 +56,8 @@ class _Call:
     starts: list[int]  # where sequence j's new tokens begin in the packed batch
     owner: list[int]  # the rank that stores them
     held: np.ndarray  # [cp, sequences] tokens each rank held before this call
-    decode: tuple[Tensor, Tensor] | None = None  # (write slots, lengths after) when one token per sequence, no CP
+    decode: tuple[Tensor, Tensor, Tensor] | None = None
+    """(sequence rows, write slots, visible keys [B, keys]) when every sequence gets one token, without CP."""
 
 
 class KVCache:
@@ -95,13 +96,20 @@ class KVCache:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         self.call = _Call(counts, starts, owner, self.held)
         if self.group is None and all(n == 1 for n in counts):
-            device = self.keys[0].device
-            self.call.decode = (torch.from_numpy(self.held[0]).to(device), torch.from_numpy(after[0]).to(device))
+            self.call.decode = self._decode_indices(after[0])
         try:
             yield
         finally:
             self.call = None
         self.held = after
+
+
+    def _decode_indices(self, lengths: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """Built once per step for all layers, from host-side lengths (no synchronisation)."""
+        device = self.keys[0].device
+        visible = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        rows = torch.arange(len(lengths), device=device)
+        return rows, torch.from_numpy(lengths - 1).to(device), torch.from_numpy(visible).to(device)
 
 
 class CachedAttention(torch.nn.Module):
@@ -124,10 +132,9 @@ class CachedAttention(torch.nn.Module):
             raise ValueError(f"the cache expects {sum(call.counts)} packed (THD) tokens, got {tuple(query.shape)}")
         keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
         if call.decode is not None:
-            slots, lengths = call.decode
-            rows = torch.arange(query.shape[0], device=query.device)
+            rows, slots, visible = call.decode
             keys[rows, :, slots], values[rows, :, slots] = key, value
-            return decode_attention(query, keys, values, lengths, self.softmax_scale).reshape(query.shape[0], -1)
+            return decode_attention(query, keys, values, visible, self.softmax_scale).reshape(query.shape[0], -1)
         self._write(key, value, call)
         out, lse = self._attend(query, call)
         if self.cache.group is not None:

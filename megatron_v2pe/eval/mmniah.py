@@ -349,6 +349,7 @@ def evaluate_records(
     length_source: LengthSource = "tokens",
     max_tiles: int = 6,
     progress: Any = None,
+    prefill_chunk: int | None = None,
 ) -> list[SampleResult]:
     """Run the model on every record (greedy generation, or one teacher-forced forward) and score it."""
     from megatron_v2pe.eval.generation import generate
@@ -364,12 +365,14 @@ def evaluate_records(
         prompts = [_prompt(b) for b in built]
         if teacher_forced:
             correct = teacher_forced_correct(
-                model, prompts, [b.answer_tokens.tolist() for b in built], delta_policy=delta_policy
+                model, prompts, [b.answer_tokens.tolist() for b in built], delta_policy=delta_policy,
+                prefill_chunk=prefill_chunk,
             )
             responses = [r.answer_text if ok else "" for r, ok in zip(batch, correct)]
             scores = [float(ok) for ok in correct]
         else:
-            out = generate(model, prompts, max_new_tokens, delta_policy=delta_policy, stop_tokens=stop)
+            out = generate(model, prompts, max_new_tokens, delta_policy=delta_policy, stop_tokens=stop,
+                           prefill_chunk=prefill_chunk)
             responses = [tokenizer.decode([t for t in toks if t not in stop]).strip() for toks in out.tokens]
             scores = [score_response(r.task, text, r.answer) for r, text in zip(batch, responses)]
         for record, b, response, score in zip(batch, built, responses, scores):

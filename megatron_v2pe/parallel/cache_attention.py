@@ -75,14 +75,13 @@ def merge_over_group(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tens
     return merged
 
 
-def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
+def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, visible: Tensor, scale: float) -> Tensor:
     """One new query per sequence over its whole cache (the new key already written), batched:
-    q [B, hq, d], caches [B, hkv, capacity, d], lengths [B] (keys per sequence) -> [B, hq, d].
-    Without context parallelism there is nothing to merge, so no log-sum-exp is needed."""
-    longest = int(lengths.max())
-    visible = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]  # [B, keys]
+    q [B, hq, d], caches [B, hkv, capacity, d], visible [B, keys] (which of the first keys each sequence
+    has) -> [B, hq, d]. Without context parallelism there is nothing to merge, so no log-sum-exp."""
+    keys = visible.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], key_cache[:, :, :longest], value_cache[:, :, :longest],
+        q[:, :, None], key_cache[:, :, :keys], value_cache[:, :, :keys],
         attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != key_cache.shape[1],
     )
     return out[:, :, 0]
