@@ -85,7 +85,7 @@ def plan_memory(model, num_sequences: int, capacity: int, chunk: int, logit_rows
     partials = chunk * heads * head_dim * 4 * (2 + cp_size)
     core = attention.core_attention
     exact = isinstance(core, ReferenceAttention) and not isinstance(core, TorchAttention)
-    scores = 3 * heads * chunk * KEY_BLOCK * 4 if exact else 0
+    scores = 5 * heads * chunk * KEY_BLOCK * 4 if exact else 0  # scores, mask, weights, fp32 keys
     logits = 2 * logit_rows * model.vlm_config.language.vocab_size * 4
     activations = hidden + partials + scores + logits + _vision_bytes(model, chunk, exact, size)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
