@@ -10,8 +10,8 @@ prefill tokens/s (chunks of ``--chunk`` tokens into the preallocated cache), dec
 ``--decode-tokens`` steps, the KV cache and the peak memory of the prefill above weights + cache (its
 activations); ``--compare-unchunked`` adds the same prefill in one chunk, to show that chunked
 activations do not grow with the prompt. On a GPU peaks come from PyTorch's allocator; on the CPU every
-measurement runs in its own process and the peak is its maximum resident set above the resident set
-once the cache is allocated. Decoding: ``--batch`` prompts of ~``--prompt-tokens`` (±25%, ragged),
+measurement runs in its own process and the peak is its resident set's high-water mark (reset once the
+cache is allocated) above the resident set then. Decoding: ``--batch`` prompts of ~``--prompt-tokens`` (±25%, ragged),
 ``--new-tokens`` greedy steps, KV cache vs recomputation; tokens/s counts generated tokens. The
 attention backend is the one ``auto`` picks (``torch`` on a GPU without Transformer Engine).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -61,25 +60,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _resident() -> int:
-    """This process's resident set now (bytes)."""
+def _status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _memory_now(device: torch.device) -> int:
+    """Memory in use now, with the peak reset to it (Linux: writing 5 to clear_refs resets VmHWM)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    return _resident()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
 
 
 def _memory_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status("VmHWM")
 
 
 def _random_prompt(model, length: int, reserve: int, seed: int):

@@ -45,7 +45,7 @@ def decoder_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
 def rank_capacity(tokens: int, chunk: int, cp_size: int) -> int:
     """Cache slots one rank needs for a sequence of ``tokens`` fed ``chunk`` at most at a time: all of
     them without CP; with it, the fewest-first placement keeps every rank within one chunk of 1/CP."""
-    return tokens if cp_size == 1 else -(-tokens // cp_size) + chunk
+    return tokens if cp_size == 1 else min(tokens, -(-tokens // cp_size) + chunk)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from megatron_v2pe.eval import memory_plan
 from megatron_v2pe.eval.generation import generate, pack_prompts, prompt_positions, resolve_delta_policy
-from megatron_v2pe.eval.kv_cache import decoder_attentions, kv_cache
+from megatron_v2pe.eval.kv_cache import KVCache, decoder_attentions, kv_cache, rank_capacity
 from megatron_v2pe.eval.prefill import packed_params, prefill
 from megatron_v2pe.parallel.cache_attention import merge_two, reference_partial
 from tests.eval.test_generation import CONFIG, STEPS, _prompts, model  # noqa: F401 (fixture)
@@ -129,3 +129,32 @@ def test_partials_merge_to_the_float64_softmax(prefix, causal_new):
     merged, merged_lse = merge_two(out, lse, torch.zeros_like(out), empty)  # a shard with no keys
     torch.testing.assert_close(merged, out)
     torch.testing.assert_close(merged_lse, lse)
+
+
+class _Group:
+    """The two calls the cache makes of a process group when placing tokens."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def test_context_parallel_placement_keeps_every_shard_within_one_chunk_of_its_share(model):
+    """Chunks of 5 then single tokens over 2 ranks: each goes to the rank holding fewest, so a 19-token
+    sequence sits as 10 + 9 in buffers of ceil(19 / 2) + 5 slots; a call beyond them is refused."""
+    capacity = rank_capacity(19, 5, 2)
+    assert capacity == 15
+    cache = KVCache(model, 1, capacity, _Group(2, 1))
+    assert cache.keys[0].shape[2] == capacity
+    for counts in [[5]] * 3 + [[1]] * 4:
+        with cache.extend(counts):
+            pass
+    assert cache.held.tolist() == [[10], [9]] and cache.lengths.tolist() == [19]
+    with pytest.raises(ValueError, match="holds 15 tokens per sequence and rank"):
+        with cache.extend([7]):
+            pass
