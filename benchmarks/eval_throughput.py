@@ -10,8 +10,9 @@ prefill tokens/s (chunks of ``--chunk`` tokens into the preallocated cache), dec
 ``--decode-tokens`` steps, the KV cache and the peak memory of the prefill above weights + cache (its
 activations); ``--compare-unchunked`` adds the same prefill in one chunk, to show that chunked
 activations do not grow with the prompt. On a GPU peaks come from PyTorch's allocator; on the CPU every
-measurement runs in its own process and the peak is its resident set's high-water mark (reset once the
-cache is allocated) above the resident set then. Decoding: ``--batch`` prompts of ~``--prompt-tokens`` (±25%, ragged),
+measurement runs in its own process (with glibc mapping every block of 128 KiB or more on its own, so
+that freed tensors leave the resident set) and the peak is the resident set's high-water mark, reset
+once the cache is allocated, above the resident set then. Decoding: ``--batch`` prompts of ~``--prompt-tokens`` (±25%, ragged),
 ``--new-tokens`` greedy steps, KV cache vs recomputation; tokens/s counts generated tokens. The
 attention backend is the one ``auto`` picks (``torch`` on a GPU without Transformer Engine).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, wh
 
 from common import machine_description, print_table
 
+from megatron_v2pe.eval.decode_step import DecodeStep
 from megatron_v2pe.eval.generation import Prompt, generate, pack_prompts, prompt_positions
 from megatron_v2pe.eval.kv_cache import kv_cache
 from megatron_v2pe.eval.memory_plan import plan_memory
-from megatron_v2pe.eval.prefill import packed_params, prefill
+from megatron_v2pe.eval.prefill import prefill
 from megatron_v2pe.model.presets import language_transformer_config, preset
 from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.parallel import initialize
@@ -96,8 +99,8 @@ def measure_length(model, length: int, chunk: int, decode_tokens: int, device: t
     with kv_cache(model, 1, len(warm.tokens) + 2) as cache:  # kernels, allocator
         prefill(model, cache, warm, chunk, warm.ends)
     packed = _random_prompt(model, length, decode_tokens, seed=0)
-    plan = plan_memory(model, 1, length + decode_tokens, min(chunk, length), 1)
-    with kv_cache(model, 1, length + decode_tokens) as cache:
+    plan = plan_memory(model, 1, length + decode_tokens + 1, min(chunk, length), 1)
+    with kv_cache(model, 1, length + decode_tokens + 1) as cache:
         base = _memory_now(device)
         _sync(device)
         start = time.perf_counter()
@@ -113,15 +116,15 @@ def measure_length(model, length: int, chunk: int, decode_tokens: int, device: t
 
 
 def _decode(model, cache, logits, position: float, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` greedy steps of one sequence through the cache."""
-    params = packed_params([1], device)
+    """Seconds for ``steps`` greedy steps of one sequence through the cache (as ``generate`` decodes:
+    a CUDA graph on a GPU, captured in the first step, which is left out of the timing)."""
+    step = DecodeStep(model, cache, use_graph=True)
+    positions = position + torch.arange(steps + 1, dtype=torch.float64, device=device)
+    logits = step(logits.argmax(dim=-1), positions[:1])
     _sync(device)
     start = time.perf_counter()
-    for k in range(steps):
-        token = logits.argmax(dim=-1)
-        with cache.extend([1]):
-            positions = torch.tensor([[position + k]], dtype=torch.float64, device=device)
-            logits = model(input_ids=token[None], positions=positions, packed_seq_params=params)[0]
+    for k in range(1, steps + 1):
+        logits = step(logits.argmax(dim=-1), positions[k : k + 1])
     _sync(device)
     return time.perf_counter() - start
 
@@ -171,7 +174,9 @@ def _length_runs(args, model, device) -> list[dict]:
         else:
             command = [sys.executable, __file__, "--preset", args.preset, "--decode-tokens",
                        str(args.decode_tokens), "--one", str(length), str(chunk)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            # big blocks mapped and unmapped one by one, so the resident set follows the live tensors
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  measured {length:,} tokens in chunks of {chunk:,}", file=sys.stderr, flush=True)
     return results

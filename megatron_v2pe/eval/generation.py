@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megatron_v2pe.eval.decode_step import DecodeStep
 from megatron_v2pe.eval.kv_cache import kv_cache, rank_capacity
 from megatron_v2pe.eval.memory_plan import checked_plan
 from megatron_v2pe.eval.prefill import PackedPrompts, logits_at, packed_params, prefill
@@ -214,7 +215,8 @@ def _decode(
 
 
 class _CachedSteps:
-    """Chunked prefill once, then one new token per sequence per step through the KV cache."""
+    """Chunked prefill once, then one new token per sequence per step through the KV cache
+    (``next``: a ``DecodeStep``, a CUDA graph on a GPU)."""
 
     def __init__(self, model: InternVLModel, prompts: PackedPrompts, chunk: int, max_new_tokens: int):
         self.model, self.prompts, self.chunk = model, prompts, chunk
@@ -227,6 +229,7 @@ class _CachedSteps:
 
     def __enter__(self) -> Self:
         self.cache = self._context.__enter__()
+        self.next = DecodeStep(self.model, self.cache, use_graph=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,11 +237,6 @@ class _CachedSteps:
 
     def first(self) -> Tensor:
         return prefill(self.model, self.cache, self.prompts, self.chunk, self.prompts.ends)
-
-    def next(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        with self.cache.extend([1] * tokens.numel()):
-            params = packed_params([1] * tokens.numel(), self.device)
-            return self.model(input_ids=tokens[None], positions=positions[None], packed_seq_params=params)[0]
 
 
 class _RecomputedSteps:

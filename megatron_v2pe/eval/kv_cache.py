@@ -56,8 +56,7 @@ class _Call:
     starts: list[int]  # where sequence j's new tokens begin in the packed batch
     owner: list[int]  # the rank that stores them
     held: np.ndarray  # [cp, sequences] tokens each rank held before this call
-    decode: tuple[Tensor, Tensor, Tensor] | None = None
-    """(sequence rows, write slots, visible keys [B, keys]) when every sequence gets one token, without CP."""
+    decode: bool = False  # one token per sequence, without CP: attention batched over the cache
 
 
 class KVCache:
@@ -75,6 +74,9 @@ class KVCache:
         self.held = np.zeros((1 if cp_group is None else cp_group.size(), num_sequences), dtype=np.int64)
         self.capacity = capacity
         self.call: _Call | None = None
+        # decoding reads lengths and rows from fixed tensors, updated in place (a CUDA graph replays them)
+        self.decode_lengths = torch.zeros(num_sequences, dtype=torch.long, device=weight.device)
+        self.rows = torch.arange(num_sequences, device=weight.device)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -96,20 +98,13 @@ class KVCache:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         self.call = _Call(counts, starts, owner, self.held)
         if self.group is None and all(n == 1 for n in counts):
-            self.call.decode = self._decode_indices(after[0])
+            self.decode_lengths.copy_(torch.from_numpy(after[0]))
+            self.call.decode = True
         try:
             yield
         finally:
             self.call = None
         self.held = after
-
-
-    def _decode_indices(self, lengths: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
-        """Built once per step for all layers, from host-side lengths (no synchronisation)."""
-        device = self.keys[0].device
-        visible = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
-        rows = torch.arange(len(lengths), device=device)
-        return rows, torch.from_numpy(lengths - 1).to(device), torch.from_numpy(visible).to(device)
 
 
 class CachedAttention(torch.nn.Module):
@@ -131,10 +126,10 @@ class CachedAttention(torch.nn.Module):
         if query.dim() != 3 or query.shape[0] != sum(call.counts):
             raise ValueError(f"the cache expects {sum(call.counts)} packed (THD) tokens, got {tuple(query.shape)}")
         keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
-        if call.decode is not None:
-            rows, slots, visible = call.decode
-            keys[rows, :, slots], values[rows, :, slots] = key, value
-            return decode_attention(query, keys, values, visible, self.softmax_scale).reshape(query.shape[0], -1)
+        if call.decode:
+            lengths = self.cache.decode_lengths
+            keys[self.cache.rows, :, lengths - 1], values[self.cache.rows, :, lengths - 1] = key, value
+            return decode_attention(query, keys, values, lengths, self.softmax_scale).reshape(query.shape[0], -1)
         self._write(key, value, call)
         out, lse = self._attend(query, call)
         if self.cache.group is not None:

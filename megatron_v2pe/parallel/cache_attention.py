@@ -75,13 +75,17 @@ def merge_over_group(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tens
     return merged
 
 
-def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, visible: Tensor, scale: float) -> Tensor:
-    """One new query per sequence over its whole cache (the new key already written), batched:
-    q [B, hq, d], caches [B, hkv, capacity, d], visible [B, keys] (which of the first keys each sequence
-    has) -> [B, hq, d]. Without context parallelism there is nothing to merge, so no log-sum-exp."""
-    keys = visible.shape[1]
+def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
+    """One new query per sequence over its cache (the new key already written), batched over the whole
+    capacity so that shapes never change (the step can be a CUDA graph): q [B, hq, d], caches
+    [B, hkv, capacity, d], lengths [B] (keys per sequence, on the device) -> [B, hq, d]. The queries of
+    each KV head's group are its queries (GQA without repeating the cache). Without context
+    parallelism there is nothing to merge, so no log-sum-exp."""
+    batch, heads, dim = q.shape
+    kv_heads, capacity = key_cache.shape[1], key_cache.shape[2]
+    visible = torch.arange(capacity, device=q.device)[None, :] < lengths[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], key_cache[:, :, :keys], value_cache[:, :, :keys],
-        attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != key_cache.shape[1],
+        q.reshape(batch, kv_heads, heads // kv_heads, dim), key_cache, value_cache,
+        attn_mask=visible[:, None, None, :], scale=scale,
     )
-    return out[:, :, 0]
+    return out.reshape(batch, heads, dim)

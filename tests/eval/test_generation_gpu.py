@@ -84,3 +84,32 @@ def test_chunked_prefill_with_the_torch_backend_in_bf16(cpu_model, chunk):
     whole = generate(model, prompts, STEPS, delta_policy="fixed:0.25", prefill_chunk=10**6, keep_logits=True)
     chunked = generate(model, prompts, STEPS, delta_policy="fixed:0.25", prefill_chunk=chunk, keep_logits=True)
     torch.testing.assert_close(chunked.step_logits[0].float(), whole.step_logits[0].float(), atol=5e-2, rtol=0)
+
+
+def test_decoding_replays_a_cuda_graph_equal_to_eager_steps(cpu_model):
+    """The decode step is captured (no fallback warning) and its replays give the eager steps' logits."""
+    import warnings
+
+    from megatron_v2pe.eval.decode_step import DecodeStep
+    from megatron_v2pe.eval.generation import pack_prompts, prompt_positions, resolve_delta_policy
+    from megatron_v2pe.eval.kv_cache import kv_cache
+    from megatron_v2pe.eval.prefill import prefill
+
+    model, prompts = _on_gpu(cpu_model, "torch"), _prompts()
+    positions, _ = prompt_positions(model, prompts, resolve_delta_policy(model, "fixed:0.25"), 6)
+    packed = pack_prompts(prompts, positions)
+    runs = []
+    for use_graph in (True, False):
+        with torch.no_grad(), kv_cache(model, len(prompts), max(packed.lengths) + 6) as cache:
+            logits = prefill(model, cache, packed, 4, packed.ends)
+            step = DecodeStep(model, cache, use_graph=use_graph)
+            steps = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                for k in range(5):
+                    where = torch.tensor([p[-1] + 1 + k for p in positions], dtype=torch.float64, device="cuda")
+                    logits = step(logits.argmax(dim=-1), where)
+                    steps.append(logits.clone())
+            assert (step.graph is not None) == use_graph
+            runs.append(torch.stack(steps))
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=0)
