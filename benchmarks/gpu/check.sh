@@ -19,22 +19,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "${repo}" || exit 1
 wheels="${1:-.whl}"
 python="${PYTHON:-python3}"
-site=/tmp/megatron_v2pe_site
 status=0
-
-missing=()
-for module in megatron.core braceexpand; do
-  "${python}" -c "import ${module}" 2>/dev/null || missing+=("${module}")
-done
-if ((${#missing[@]})); then
-  if ! compgen -G "${wheels}/*.whl" >/dev/null; then
-    echo "missing on this machine: ${missing[*]}; no wheels in '${wheels}' to install them from" >&2
-    exit 1
-  fi
-  "${python}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "${site}" "${wheels}"/*.whl || exit 1
-  export PYTHONPATH="${site}${PYTHONPATH:+:${PYTHONPATH}}"
-fi
+# shellcheck source=benchmarks/gpu/install_wheels.sh
+source "${repo}/benchmarks/gpu/install_wheels.sh" || exit 1
 
 gpu="$("${python}" -c 'import torch; print(torch.cuda.get_device_name(0))')" || {
   echo "no CUDA GPU visible to ${python}" >&2

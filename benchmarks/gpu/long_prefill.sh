@@ -5,8 +5,9 @@
 # prompts with the KV cache against recomputation. About 6-8 minutes on an H200 (the 1M prefill is
 # most of it); every length is printed as soon as it is measured.
 #
-#   bash benchmarks/gpu/long_prefill.sh            # on the GPU machine (after check.sh's wheel setup)
+#   bash benchmarks/gpu/long_prefill.sh            # on the GPU machine
 #   bash benchmarks/gpu/long_prefill.sh --dry-run  # tiny model, short prompts: checks the script anywhere
+# megatron-core and braceexpand come from the wheels in ${WHEELS:-.whl} where missing (as for check.sh).
 #
 # Results go to benchmarks/results/<date>-<gpu>-long-prefill.{md,json} (and to $OUT, when that is set).
 set -uo pipefail
@@ -14,6 +15,9 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "${repo}" || exit 1
 python="${PYTHON:-python3}"
+wheels="${WHEELS:-.whl}"
+# shellcheck source=benchmarks/gpu/install_wheels.sh
+source "${repo}/benchmarks/gpu/install_wheels.sh" || exit 1
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 if [[ "${1:-}" == "--dry-run" ]]; then
   args=(--preset tiny --lengths 512 2048 --chunk 256 --decode-tokens 4 --batch 2 --prompt-tokens 64 --new-tokens 4)

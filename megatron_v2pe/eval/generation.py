@@ -167,12 +167,15 @@ def generate(
     _check(model, prompts, max_new_tokens)
     chunk = check_prefill_chunk(prefill_chunk)
     if not use_cache and model.config.context_parallel_size > 1:
-        raise ValueError("recomputation (use_cache=False) runs in one process; context parallelism needs the cache")
+        raise ValueError(
+            "recomputation (use_cache=False) runs in one process; context parallelism needs the cache"
+        )
     positions, deltas = prompt_positions(
         model, prompts, resolve_delta_policy(model, delta_policy), max_new_tokens
     )
     packed = pack_prompts(prompts, positions)
-    step = _CachedSteps(model, packed, chunk, max_new_tokens) if use_cache else _RecomputedSteps(model, packed)
+    step = (_CachedSteps(model, packed, chunk, max_new_tokens) if use_cache
+            else _RecomputedSteps(model, packed))
     with step:
         return _decode(
             step, model, positions, deltas, max_new_tokens, sampling, set(stop_tokens), keep_logits

@@ -65,7 +65,8 @@ class KVCache:
     def __init__(self, model: torch.nn.Module, num_sequences: int, capacity: int, cp_group=None):
         first = decoder_attentions(model)[0]
         weight = first.linear_qkv.weight
-        shape = (num_sequences, first.num_query_groups_per_partition, capacity, first.hidden_size_per_attention_head)
+        heads, head_dim = first.num_query_groups_per_partition, first.hidden_size_per_attention_head
+        shape = (num_sequences, heads, capacity, head_dim)
         layers = len(decoder_attentions(model))
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
@@ -124,12 +125,15 @@ class CachedAttention(torch.nn.Module):
         if call is None:
             raise RuntimeError("a forward under kv_cache() must run inside cache.extend(counts)")
         if query.dim() != 3 or query.shape[0] != sum(call.counts):
-            raise ValueError(f"the cache expects {sum(call.counts)} packed (THD) tokens, got {tuple(query.shape)}")
+            raise ValueError(
+                f"the cache expects {sum(call.counts)} packed (THD) tokens, got {tuple(query.shape)}"
+            )
         keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
         if call.decode:
             lengths = self.cache.decode_lengths
             keys[self.cache.rows, :, lengths - 1], values[self.cache.rows, :, lengths - 1] = key, value
-            return decode_attention(query, keys, values, lengths, self.softmax_scale).reshape(query.shape[0], -1)
+            out = decode_attention(query, keys, values, lengths, self.softmax_scale)
+            return out.reshape(query.shape[0], -1)
         self._write(key, value, call)
         out, lse = self._attend(query, call)
         if self.cache.group is not None:

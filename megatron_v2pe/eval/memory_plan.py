@@ -69,7 +69,9 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def plan_memory(model, num_sequences: int, capacity: int, chunk: int, logit_rows: int, cp_size: int = 1) -> MemoryPlan:
+def plan_memory(
+    model, num_sequences: int, capacity: int, chunk: int, logit_rows: int, cp_size: int = 1
+) -> MemoryPlan:
     """The plan of caching ``num_sequences`` sequences of ``capacity`` tokens (this rank's share), fed
     ``chunk`` tokens at a time, with ``logit_rows`` logits rows per forward at most."""
     weight = next(model.parameters())
@@ -106,7 +108,9 @@ def _vision_bytes(model, chunk: int, exact: bool, size: int) -> int:
     return tiles * per_tile
 
 
-def checked_plan(model, num_sequences: int, capacity: int, chunk: int, logit_rows: int, cp_size: int) -> MemoryPlan:
+def checked_plan(
+    model, num_sequences: int, capacity: int, chunk: int, logit_rows: int, cp_size: int
+) -> MemoryPlan:
     """``plan_memory``, logged, and refused when it cannot fit."""
     plan = plan_memory(model, num_sequences, capacity, chunk, logit_rows, cp_size)
     log.info("%s", plan)

@@ -99,7 +99,8 @@ def prefill(
         stop = min(start + chunk, int(bounds[-1]))
         counts = np.clip(bounds[1:], start, stop) - np.clip(bounds[:-1], start, stop)
         tokens = prompts.tokens[start:stop]
-        tiles, feature_index = chunk_images(tokens, int(features_before[start]), image_id, prompts.tiles, per_tile)
+        first_feature = int(features_before[start])
+        tiles, feature_index = chunk_images(tokens, first_feature, image_id, prompts.tiles, per_tile)
         wanted = rows[(rows >= start) & (rows < stop)] - start
         with cache.extend(counts), logits_at(model, torch.from_numpy(wanted).to(device)):
             out = model(

@@ -61,7 +61,9 @@ def teacher_forced_correct(
     packed = pack_prompts(full, positions)
     starts = np.concatenate([[0], np.cumsum(packed.lengths)[:-1]])
     # the logits at question token i - 1 + k predict answer token k
-    rows = np.concatenate([s + len(q.tokens) - 1 + np.arange(len(a)) for s, q, a in zip(starts, questions, answers)])
+    rows = np.concatenate(
+        [s + len(q.tokens) - 1 + np.arange(len(a)) for s, q, a in zip(starts, questions, answers)]
+    )
     cp = model.config.context_parallel_size
     capacity = rank_capacity(max(packed.lengths), chunk, cp)
     checked_plan(model, len(full), capacity, min(chunk, len(packed.tokens)), len(rows), cp)

@@ -75,7 +75,9 @@ def merge_over_group(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tens
     return merged
 
 
-def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
+def decode_attention(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, lengths: Tensor, scale: float
+) -> Tensor:
     """One new query per sequence over its cache (the new key already written), batched over the whole
     capacity so that shapes never change (the step can be a CUDA graph): q [B, hq, d], caches
     [B, hkv, capacity, d], lengths [B] (keys per sequence, on the device) -> [B, hq, d]. The queries of

@@ -114,7 +114,8 @@ class TorchAttention(ReferenceAttention):
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """[1, h, s, d] inputs -> (out [h, s, d] fp32, lse [h, s]) from PyTorch's flash-attention kernel."""
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    out, lse, *_ = flash(q, k, v, 0.0, causal, False, scale=scale)
     return out[0].float(), lse[0]
 
 

@@ -45,7 +45,9 @@ def test_context_parallel_inference_equals_single_process(model, tmp_path, cp):
     greedy = generate(model, questions, 6, delta_policy="fixed:0.25").tokens
     answers = [greedy[0], _changed(greedy[1], 0), _changed(greedy[2], 5)]
     score = [{"policy": "fixed:0.25", "chunk": 4, "answers": answers}]
-    verdicts = teacher_forced_correct(model, questions, answers, delta_policy="fixed:0.25", prefill_chunk=WHOLE)
+    verdicts = teacher_forced_correct(
+        model, questions, answers, delta_policy="fixed:0.25", prefill_chunk=WHOLE
+    )
     assert verdicts == [True, False, False]
     inputs = {"state": model.state_dict(), "questions": questions, "generate": GENERATE, "score": score}
     torch.save(inputs, tmp_path / "inputs.pt")

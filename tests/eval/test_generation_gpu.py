@@ -82,8 +82,12 @@ def test_chunked_prefill_with_the_torch_backend_in_bf16(cpu_model, chunk):
     model = _on_gpu(cpu_model, "torch").to(torch.bfloat16)
     prompts = _prompts()
     whole = generate(model, prompts, STEPS, delta_policy="fixed:0.25", prefill_chunk=10**6, keep_logits=True)
-    chunked = generate(model, prompts, STEPS, delta_policy="fixed:0.25", prefill_chunk=chunk, keep_logits=True)
-    torch.testing.assert_close(chunked.step_logits[0].float(), whole.step_logits[0].float(), atol=5e-2, rtol=0)
+    chunked = generate(
+        model, prompts, STEPS, delta_policy="fixed:0.25", prefill_chunk=chunk, keep_logits=True
+    )
+    torch.testing.assert_close(
+        chunked.step_logits[0].float(), whole.step_logits[0].float(), atol=5e-2, rtol=0
+    )
 
 
 def test_decoding_replays_a_cuda_graph_equal_to_eager_steps(cpu_model):
@@ -107,7 +111,9 @@ def test_decoding_replays_a_cuda_graph_equal_to_eager_steps(cpu_model):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)
                 for k in range(5):
-                    where = torch.tensor([p[-1] + 1 + k for p in positions], dtype=torch.float64, device="cuda")
+                    where = torch.tensor(
+                        [p[-1] + 1 + k for p in positions], dtype=torch.float64, device="cuda"
+                    )
                     logits = step(logits.argmax(dim=-1), where)
                     steps.append(logits.clone())
             assert (step.graph is not None) == use_graph

@@ -79,14 +79,15 @@ def test_cache_holds_what_core_attention_received_in_buffers_allocated_once(mode
         for layer, (key, value) in enumerate(seen):
             for j, n in enumerate(lengths):
                 span = slice(cu[j], cu[j + 1])
-                torch.testing.assert_close(cache.keys[layer][j, :, :n], key[span].transpose(0, 1), atol=1e-5, rtol=0)
-                torch.testing.assert_close(cache.values[layer][j, :, :n], value[span].transpose(0, 1), atol=1e-5,
-                                           rtol=0)
+                for held, given in ((cache.keys[layer], key), (cache.values[layer], value)):
+                    torch.testing.assert_close(held[j, :, :n], given[span].transpose(0, 1), atol=1e-5, rtol=0)
 
 
 def test_only_needed_logits_and_tiles_are_computed(model):
     rows, tiles = [], []
-    output = model.language_model.output_layer.register_forward_hook(lambda m, args, out: rows.append(out[0].shape[0]))
+    output = model.language_model.output_layer.register_forward_hook(
+        lambda m, args, out: rows.append(out[0].shape[0])
+    )
     vision = model.vision_model.register_forward_pre_hook(lambda m, args: tiles.append(args[0].shape[0]))
     prompts = _prompts()
     try:
@@ -96,7 +97,8 @@ def test_only_needed_logits_and_tiles_are_computed(model):
         vision.remove()
     assert max(rows) <= len(prompts) and sum(rows) == 3 * len(prompts)
     # a 5-token chunk holds visual tokens of at most 3 tiles of 4 tokens
-    assert max(tiles) <= 3 and sum(tiles) >= sum(p.pixel_values.shape[0] for p in prompts if p.pixel_values is not None)
+    assert max(tiles) <= 3
+    assert sum(tiles) >= sum(p.pixel_values.shape[0] for p in prompts if p.pixel_values is not None)
 
 
 def test_memory_plan_counts_the_cache_and_refuses_what_cannot_fit(model, monkeypatch):
@@ -116,7 +118,8 @@ def test_partials_merge_to_the_float64_softmax(prefix, causal_new):
     torch.manual_seed(0)
     n, d = 5, 8
     q = torch.randn(n, 4, d)
-    k, v = torch.randn(2, prefix + (n if causal_new else 0), d), torch.randn(2, prefix + (n if causal_new else 0), d)
+    keys = prefix + (n if causal_new else 0)
+    k, v = torch.randn(2, keys, d), torch.randn(2, keys, d)
     out, lse = reference_partial(q, k, v, prefix, causal_new, 0.3, block=3)
     for i in range(n):
         visible = prefix + (i + 1 if causal_new else 0)

@@ -36,13 +36,14 @@ def test_planted_answers_are_correct_and_one_changed_token_is_not(model, chunk):
     questions = _questions()
     # Plant the model's own greedy continuations as gold answers: teacher forcing must accept them.
     greedy = generate(model, questions, 4, delta_policy="fixed:0.25").tokens
-    assert teacher_forced_correct(model, questions, greedy, delta_policy="fixed:0.25", prefill_chunk=chunk) == [
-        True, True]
+    score = lambda answers: teacher_forced_correct(  # noqa: E731
+        model, questions, answers, delta_policy="fixed:0.25", prefill_chunk=chunk
+    )
+    assert score(greedy) == [True, True]
     wrong = [greedy[0][:2] + [(greedy[0][2] + 1) % CONFIG.language.vocab_size] + greedy[0][3:], greedy[1]]
     if wrong[0][2] == CONFIG.img_context_token_id:
         wrong[0][2] = (wrong[0][2] + 1) % CONFIG.language.vocab_size
-    assert teacher_forced_correct(model, questions, wrong, delta_policy="fixed:0.25", prefill_chunk=chunk) == [
-        False, True]
+    assert score(wrong) == [False, True]
 
 
 def test_mismatched_inputs_are_refused(model):

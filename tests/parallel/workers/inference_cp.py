@@ -42,8 +42,10 @@ def main() -> None:
                        prefill_chunk=run["chunk"], keep_logits=True)
         mine["generated"].append({"tokens": out.tokens, "logits": out.step_logits})
     for run in saved["score"]:
-        mine["verdicts"].append(teacher_forced_correct(
-            model, saved["questions"], run["answers"], delta_policy=run["policy"], prefill_chunk=run["chunk"]))
+        verdicts = teacher_forced_correct(
+            model, saved["questions"], run["answers"], delta_policy=run["policy"], prefill_chunk=run["chunk"]
+        )
+        mine["verdicts"].append(verdicts)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() == 0:
