@@ -14,7 +14,8 @@ measurement runs in its own process (with glibc mapping every block of 128 KiB o
 that freed tensors leave the resident set) and the peak is the resident set's high-water mark, reset
 once the cache is allocated, above the resident set then. Decoding: ``--batch`` prompts of
 ~``--prompt-tokens`` (±25%, ragged), ``--new-tokens`` greedy steps, KV cache vs recomputation; tokens/s
-counts generated tokens. The attention backend is the one ``auto`` picks (``torch`` on a GPU without Transformer Engine).
+counts generated tokens. The attention backend is the one ``auto`` picks (``torch`` on a GPU without
+Transformer Engine).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _decode(model, cache, logits, position: float, steps: int, device: torch.dev
     """Seconds for ``steps`` greedy steps of one sequence through the cache (as ``generate`` decodes:
     a CUDA graph on a GPU, captured in the first step, which is left out of the timing)."""
     step = DecodeStep(model, cache, use_graph=True)
-    positions = position + torch.arange(steps + 1, dtype=torch.float64, device=device)
+    positions = position + torch.arange(steps + 1, dtype=torch.float64)
     logits = step(logits.argmax(dim=-1), positions[:1])
     _sync(device)
     start = time.perf_counter()

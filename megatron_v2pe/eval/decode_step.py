@@ -24,7 +24,7 @@ CHECKED_REPLAYS = 2
 
 
 class DecodeStep:
-    """``step(tokens [B], positions [B] float64)`` -> logits [B, vocab] of the next tokens."""
+    """``step(tokens [B], positions [B] float64, on the host)`` -> logits [B, vocab] of the next tokens."""
 
     def __init__(self, model, cache: KVCache, use_graph: bool):
         self.model, self.cache = model, cache
@@ -47,7 +47,7 @@ class DecodeStep:
         )[0]
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        with self.cache.extend([1] * self.tokens.numel()):
+        with self.cache.extend([1] * self.tokens.numel(), positions.numpy()):
             self.tokens.copy_(tokens)
             self.positions.copy_(positions)
             if not self.use_graph:

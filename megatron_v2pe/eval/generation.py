@@ -195,7 +195,7 @@ def _decode(
     """The decoding loop: choose, record, stop when every sequence has stopped, feed the new tokens."""
     device = next(model.parameters()).device
     choose = _Chooser(sampling, model.vlm_config.img_context_token_id, device)
-    next_position = torch.tensor([p[-1] + 1 for p in positions], dtype=torch.float64, device=device)
+    next_position = torch.tensor([p[-1] + 1 for p in positions], dtype=torch.float64)  # on the host
     done = torch.zeros(len(positions), dtype=torch.bool, device=device)
     tokens, all_logits = [], []
     logits = step.first()
@@ -262,7 +262,7 @@ class _RecomputedSteps:
 
     def next(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.tokens.append(tokens.cpu())
-        self.positions.append(positions.cpu())
+        self.positions.append(positions)
         return self._run()
 
     def _run(self) -> Tensor:

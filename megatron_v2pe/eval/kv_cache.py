@@ -3,12 +3,12 @@
 Keys reach core attention already rotated by their V2PE angles (``V2PESelfAttention`` applies them
 right after the QKV projection), so caching what core attention receives is enough: a new token is
 rotated by its own position once, and every cached key keeps the angle of the position it was computed
-at. Positions themselves (float64) stay with the caller, who feeds them per token.
+at. The cache also records every token's V2PE position (float64, on the host), sequence by sequence.
 
 Each layer owns one key and one value buffer [sequences, kv heads, capacity, head dim], allocated once
 for the longest sequence of the batch and written in place; the lengths are kept on the host, so no
-step reallocates, copies or synchronises. Every forward runs inside ``cache.extend(counts)``: one packed
-THD batch whose sub-sample j (``counts[j]`` tokens, possibly 0) continues sequence j.
+step reallocates, copies or synchronises. Every forward runs inside ``cache.extend(counts, positions)``:
+one packed THD batch whose sub-sample j (``counts[j]`` tokens, possibly 0) continues sequence j.
 
 Under context parallelism every rank runs the same tokens; the new keys of a sequence are stored on one
 rank only (the one holding fewest of that sequence's tokens), each rank attends over its own shard, and
@@ -73,6 +73,7 @@ class KVCache:
         self.group = cp_group
         self.rank = 0 if cp_group is None else cp_group.rank()
         self.held = np.zeros((1 if cp_group is None else cp_group.size(), num_sequences), dtype=np.int64)
+        self.positions = np.zeros((num_sequences, capacity * self.held.shape[0]), dtype=np.float64)
         self.capacity = capacity
         self.call: _Call | None = None
         # decoding reads lengths and rows from fixed tensors, updated in place (a CUDA graph replays them)
@@ -84,12 +85,18 @@ class KVCache:
         """Tokens of every sequence so far, over all ranks."""
         return self.held.sum(axis=0)
 
+    def sequence_positions(self, j: int) -> np.ndarray:
+        """The V2PE positions of sequence j's cached tokens, in the order they came."""
+        return self.positions[j, : self.lengths[j]]
+
     @contextmanager
-    def extend(self, counts: Sequence[int]) -> Iterator[None]:
-        """Within the block, one forward appends ``counts[j]`` new tokens to sequence j."""
+    def extend(self, counts: Sequence[int], positions: np.ndarray) -> Iterator[None]:
+        """Within the block, one forward appends ``counts[j]`` new tokens to sequence j, at the given
+        positions (all the forward's tokens, in packed order)."""
         counts = [int(n) for n in counts]
-        if len(counts) != self.held.shape[1]:
-            raise ValueError(f"the cache holds {self.held.shape[1]} sequences, got counts for {len(counts)}")
+        if len(counts) != self.held.shape[1] or len(positions) != sum(counts):
+            raise ValueError(f"the cache holds {self.held.shape[1]} sequences; got counts for {len(counts)} "
+                             f"({sum(counts)} tokens) and {len(positions)} positions")
         owner = [int(np.argmin(self.held[:, j])) for j in range(len(counts))]
         after = self.held.copy()
         after[owner, np.arange(len(counts))] += counts
@@ -105,6 +112,8 @@ class KVCache:
             yield
         finally:
             self.call = None
+        for j, (n, start, length) in enumerate(zip(counts, starts, self.lengths)):
+            self.positions[j, length : length + n] = positions[start : start + n]
         self.held = after
 
 
@@ -123,7 +132,7 @@ class CachedAttention(torch.nn.Module):
                 attention_bias=None, packed_seq_params=None) -> Tensor:
         call = self.cache.call
         if call is None:
-            raise RuntimeError("a forward under kv_cache() must run inside cache.extend(counts)")
+            raise RuntimeError("a forward under kv_cache() must run inside cache.extend(counts, positions)")
         if query.dim() != 3 or query.shape[0] != sum(call.counts):
             raise ValueError(
                 f"the cache expects {sum(call.counts)} packed (THD) tokens, got {tuple(query.shape)}"

@@ -102,10 +102,11 @@ def prefill(
         first_feature = int(features_before[start])
         tiles, feature_index = chunk_images(tokens, first_feature, image_id, prompts.tiles, per_tile)
         wanted = rows[(rows >= start) & (rows < stop)] - start
-        with cache.extend(counts), logits_at(model, torch.from_numpy(wanted).to(device)):
+        positions = prompts.positions[start:stop]
+        with cache.extend(counts, positions.numpy()), logits_at(model, torch.from_numpy(wanted).to(device)):
             out = model(
                 input_ids=tokens.to(device)[None],
-                positions=prompts.positions[start:stop].to(device)[None],
+                positions=positions.to(device)[None],
                 pixel_values=None if tiles is None else tiles.to(device),
                 packed_seq_params=packed_params(counts.tolist(), device),
                 image_feature_index=feature_index.to(device),

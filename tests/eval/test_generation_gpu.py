@@ -111,9 +111,7 @@ def test_decoding_replays_a_cuda_graph_equal_to_eager_steps(cpu_model):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)
                 for k in range(5):
-                    where = torch.tensor(
-                        [p[-1] + 1 + k for p in positions], dtype=torch.float64, device="cuda"
-                    )
+                    where = torch.tensor([p[-1] + 1 + k for p in positions], dtype=torch.float64)
                     logits = step(logits.argmax(dim=-1), where)
                     steps.append(logits.clone())
             assert (step.graph is not None) == use_graph

@@ -70,11 +70,15 @@ def test_cache_holds_what_core_attention_received_in_buffers_allocated_once(mode
         pointers = [k.data_ptr() for k in cache.keys + cache.values]
         prefill(model, cache, packed, 4, packed.ends)
         for step in range(2):
-            with cache.extend([1, 1, 1]):
+            with cache.extend([1, 1, 1], new_positions[step].numpy()):
                 model(input_ids=new[step][None], positions=new_positions[step][None],
                       packed_seq_params=packed_params([1, 1, 1], torch.device("cpu")))
         assert [k.data_ptr() for k in cache.keys + cache.values] == pointers
         assert cache.lengths.tolist() == lengths
+        for j, prompt_positions_j in enumerate(positions):  # float64, exactly as fed
+            np.testing.assert_array_equal(
+                cache.sequence_positions(j), np.append(prompt_positions_j, new_positions[:, j].numpy())
+            )
         cu = np.concatenate([[0], np.cumsum(lengths)])
         for layer, (key, value) in enumerate(seen):
             for j, n in enumerate(lengths):
@@ -155,9 +159,9 @@ def test_context_parallel_placement_keeps_every_shard_within_one_chunk_of_its_sh
     cache = KVCache(model, 1, capacity, _Group(2, 1))
     assert cache.keys[0].shape[2] == capacity
     for counts in [[5]] * 3 + [[1]] * 4:
-        with cache.extend(counts):
+        with cache.extend(counts, np.arange(sum(counts), dtype=float)):
             pass
     assert cache.held.tolist() == [[10], [9]] and cache.lengths.tolist() == [19]
     with pytest.raises(ValueError, match="holds 15 tokens per sequence and rank"):
-        with cache.extend([7]):
+        with cache.extend([7], np.zeros(7)):
             pass
