@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         help="context the model was trained on (default: data.max_seq_len of --model-config YAML, "
         "else the model's maximum sequence length)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="default: MM-NIAH's 32 for the counting tasks, 16 for the others"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
     parser.add_argument(
         "--teacher-forced",
@@ -59,18 +61,39 @@ def _parser() -> argparse.ArgumentParser:
         help="score by one forward over prompt + gold answer instead of generating",
     )
     parser.add_argument(
+        "--scoring",
+        choices=["official", "strict"],
+        default="official",
+        help="MM-NIAH's scoring rules as its code applies them (default) or without its faults (README)",
+    )
+    parser.add_argument(
+        "--binning",
+        choices=list(mmniah.BINNINGS),
+        default="official",
+        help="official: MM-NIAH's fixed length bins, mean needle depth, empty bins count 0; adaptive: "
+        "powers-of-two length bins, first needle depth, empty bins left out",
+    )
+    parser.add_argument(
         "--length-bins",
         type=int,
         nargs="+",
-        help="lower edges of the context-length bins (default: powers of two covering the data)",
+        help="lower edges of the context-length bins (default: the binning's)",
     )
     parser.add_argument(
         "--length-from",
         choices=["tokens", "meta"],
-        default="tokens",
-        help="context length of a sample: its prompt's token count or the length its metadata records",
+        default="meta",
+        help="context length of a sample: the length its record states (default) or its prompt's tokens",
     )
-    parser.add_argument("--max-tiles", type=int, default=6, help="tile budget of one sample's images")
+    parser.add_argument(
+        "--max-tiles",
+        type=int,
+        default=6,
+        help="tile budget of one synthetic sample's images (MM-NIAH files: one tile per image, as MM-NIAH)",
+    )
+    parser.add_argument(
+        "--print-prompts", action="store_true", help="print the user text of the first record of each task"
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--attention-backend", choices=["auto", "te", "torch", "reference"], default="auto")
     parser.add_argument(
@@ -98,9 +121,16 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _print_prompts(records: Sequence[mmniah.NiahRecord]) -> None:
+    """The user text of each task's first record, as the model gets it (before the chat template)."""
+    for task in dict.fromkeys(r.task for r in records):
+        record = next(r for r in records if r.task == task)
+        print(f"--- prompt of {record.source} ({task})\n{record.prompt}\n--- end of prompt", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.batch_size < 1:
         print("error: --max-new-tokens and --batch-size must be >= 1", file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -117,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = mmniah.read_records(args.data, args.task, args.image_root, stats)
         if args.limit is not None:
             records = records[: args.limit]
+        mmniah.check_lengths(records, args.length_from)
+        if args.print_prompts:
+            _print_prompts(records)
         model, tokenizer, window = _load(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -140,10 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             teacher_forced=args.teacher_forced,
             length_source=args.length_from,
             max_tiles=args.max_tiles,
+            mode=args.scoring,
             progress=progress,
         )
-        edges = args.length_bins or mmniah.default_length_edges(r.context_length for r in results)
-        summary = mmniah.report_dict(results, edges)
+        lengths = (r.context_length for r in results)
+        edges = args.length_bins or mmniah.default_length_edges(lengths, args.binning)
+        summary = mmniah.report_dict(results, edges, args.binning, args.scoring)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -167,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary, args.out / "heatmap.png", title=f"MM-NIAH {title}, overall {summary['overall']:.3f}"
     )
     mmniah.plot_accuracy_vs_length(summary, args.out / "accuracy_vs_length.png", title=f"MM-NIAH {title}")
-    print(f"overall {summary['overall']:.3f}")
+    needles = "".join(f", {k} {v:.3f}" for k, v in summary["by_needle"].items())
+    print(f"overall {summary['overall']:.3f}{needles} ({args.scoring} scoring, {args.binning} binning)")
+    if summary["dropped_below_first_bin"]:
+        print(f"  {summary['dropped_below_first_bin']} samples below the first length bin were left out")
     for task, score in summary["per_task"].items():
         print(
             f"  {task:24s} {score:.3f}  by length: "

@@ -1,0 +1,123 @@
+"""Running a model over MM-NIAH records: greedy generation (or one teacher-forced forward), then the
+response scored by its task's rule (``eval/scoring.py``).
+
+New tokens default to MM-NIAH's own evaluation (``eval_internvl.py``): 32 for the counting tasks, 16
+for the others; generation stops at ``<|im_end|>``, which the chat template closes every answer with.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from megatron_v2pe.data.tokenizer import IM_END, Tokenizer
+from megatron_v2pe.eval.answer_normaliser import Mode
+from megatron_v2pe.eval.mmniah.prompts import BuiltPrompt, build_prompt, prompt_builder
+from megatron_v2pe.eval.mmniah.records import Answer, NiahRecord
+from megatron_v2pe.eval.scoring import TASK_KINDS, score_response
+
+LengthSource = Literal["tokens", "meta"]
+OFFICIAL_NEW_TOKENS = {"counting": 32, "choice": 16, "free": 16}
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    id: str
+    task: str
+    context_length: int
+    prompt_tokens: int
+    depths: tuple[float, ...]
+    answer: Answer
+    response: str
+    score: float
+
+
+def check_lengths(records: Sequence[NiahRecord], length_source: LengthSource) -> None:
+    """Refuse, before any work, to bin by recorded lengths that some record does not have."""
+    if length_source == "meta":
+        missing = [r.source for r in records if r.meta_length is None]
+        if missing:
+            raise ValueError(
+                f"{missing[0]} (and {len(missing) - 1} more) records no context length; "
+                "bin by the prompt's token count instead (--length-from tokens)"
+            )
+
+
+def _batches(records: Sequence[NiahRecord], batch_size: int, limit: Callable[[NiahRecord], int]):
+    """Consecutive records of one new-token limit, at most ``batch_size`` at a time."""
+    for new_tokens, group in itertools.groupby(records, key=limit):
+        group = list(group)
+        for first in range(0, len(group), batch_size):
+            yield new_tokens, group[first : first + batch_size]
+
+
+def _responses(model, tokenizer: Tokenizer, built: Sequence[BuiltPrompt], new_tokens: int, policy) -> list:
+    from megatron_v2pe.eval.generation import generate
+
+    stop = [tokenizer.token_id(IM_END)]
+    out = generate(model, [b.to_prompt() for b in built], new_tokens, delta_policy=policy, stop_tokens=stop)
+    # ids past the tokenizer's vocabulary are the embedding's padding rows: they decode to nothing
+    known = [[t for t in tokens if t not in stop and t < tokenizer.vocab_size] for tokens in out.tokens]
+    return [tokenizer.decode(tokens).strip() for tokens in known]
+
+
+def evaluate_records(
+    model,
+    tokenizer: Tokenizer,
+    records: Sequence[NiahRecord],
+    *,
+    delta_policy: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 4,
+    teacher_forced: bool = False,
+    length_source: LengthSource = "meta",
+    max_tiles: int = 6,
+    mode: Mode = "official",
+    progress: Any = None,
+) -> list[SampleResult]:
+    """Run the model on every record and score it. ``max_new_tokens`` None: MM-NIAH's per-task limits;
+    ``max_tiles``: the tiling budget of records not tiled one tile per image."""
+    from megatron_v2pe.eval.teacher_forced import teacher_forced_correct
+
+    check_lengths(records, length_source)
+    config = model.vlm_config
+    def builder(tiles: int):
+        return prompt_builder(tokenizer, config.tokens_per_tile, config.vision.image_size, tiles)
+
+    builders = {False: builder(max_tiles), True: builder(1)}  # keyed by one_tile_per_image
+
+    def limit(record: NiahRecord) -> int:
+        return max_new_tokens or OFFICIAL_NEW_TOKENS[TASK_KINDS[record.task]]
+
+    results: list[SampleResult] = []
+    for new_tokens, batch in _batches(records, batch_size, limit):
+        built = [build_prompt(builders[r.one_tile_per_image], r) for r in batch]
+        if teacher_forced:
+            answers = [b.answer_tokens.tolist() for b in built]
+            correct = teacher_forced_correct(
+                model, [b.to_prompt() for b in built], answers, delta_policy=delta_policy
+            )
+            responses = [r.answer_text if ok else "" for r, ok in zip(batch, correct)]
+            scores = [float(ok) for ok in correct]
+        else:
+            responses = _responses(model, tokenizer, built, new_tokens, delta_policy)
+            scores = [score_response(r.task, text, r.answer, mode) for r, text in zip(batch, responses)]
+        for record, b, response, score in zip(batch, built, responses, scores):
+            length = record.meta_length if length_source == "meta" else len(b.tokens)
+            results.append(
+                SampleResult(
+                    id=record.id,
+                    task=record.task,
+                    context_length=int(length),
+                    prompt_tokens=len(b.tokens),
+                    depths=record.depths,
+                    answer=record.answer,
+                    response=response,
+                    score=score,
+                )
+            )
+        if progress is not None:
+            progress(len(results), len(records))
+    return results
