@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_v2pe.eval import mmniah
+from megatron_v2pe.eval.scoring import MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scoring",
-        choices=["official", "strict"],
+        choices=list(MODES),
         default="official",
         help="MM-NIAH's scoring rules as its code applies them (default) or without its faults (README)",
     )
