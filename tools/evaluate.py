@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on MM-NIAH (jsonl) or our synthetic MM-NIAH shards; see ``megatron_v2pe/eval/mmniah.py``.
+"""Evaluate a checkpoint on MM-NIAH (jsonl) or our synthetic MM-NIAH shards; see ``megatron_v2pe/eval/mmniah/``.
 
     python tools/evaluate.py --checkpoint ckpt/run --data data/synth/mmniah --out results/run \\
         --delta-policy auto:1024
@@ -62,10 +62,17 @@ def _parser() -> argparse.ArgumentParser:
         help="score by one forward over prompt + gold answer instead of generating",
     )
     parser.add_argument(
+        "--protocol",
+        choices=list(mmniah.PROTOCOLS),
+        default="mmniah",
+        help="prompts, image tiling and new-token limits of MM-NIAH's own evaluation (default) or of "
+        "V2PE's copy of it (README)",
+    )
+    parser.add_argument(
         "--scoring",
         choices=list(MODES),
-        default="official",
-        help="MM-NIAH's scoring rules as its code applies them (default) or without its faults (README)",
+        help="MM-NIAH's rules as its code applies them (official), without its faults (strict) or as "
+        "V2PE's copy applies them (v2pe); default: official, v2pe under --protocol v2pe",
     )
     parser.add_argument(
         "--binning",
@@ -90,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tiles",
         type=int,
         default=6,
-        help="tile budget of one synthetic sample's images (MM-NIAH files: one tile per image, as MM-NIAH)",
+        help="tile budget of one synthetic sample's images (MM-NIAH files are tiled as --protocol says)",
     )
     parser.add_argument(
         "--print-prompts", action="store_true", help="print the user text of the first record of each task"
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         stats = mmniah.ShardReadStats()
-        records = mmniah.read_records(args.data, args.task, args.image_root, stats)
+        records = mmniah.read_records(args.data, args.task, args.image_root, stats, args.protocol)
         if args.limit is not None:
             records = records[: args.limit]
         mmniah.check_lengths(records, args.length_from)
@@ -156,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     policy = args.delta_policy or f"auto:{window}"
+    scoring = args.scoring or ("v2pe" if args.protocol == "v2pe" else "official")
 
     lead = int(os.environ.get("RANK", "0")) == 0  # under context parallelism every rank has the verdicts
 
@@ -174,12 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             teacher_forced=args.teacher_forced,
             length_source=args.length_from,
             max_tiles=args.max_tiles,
-            mode=args.scoring,
+            mode=scoring,
+            protocol=args.protocol,
             progress=progress,
         )
         lengths = (r.context_length for r in results)
         edges = args.length_bins or mmniah.default_length_edges(lengths, args.binning)
-        summary = mmniah.report_dict(results, edges, args.binning, args.scoring)
+        summary = mmniah.report_dict(results, edges, args.binning, scoring)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -189,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "delta_policy": policy,
         "trained_window": window,
         "mode": "teacher-forced" if args.teacher_forced else "generate",
+        "protocol": args.protocol,
         "max_new_tokens": args.max_new_tokens,
         "length_from": args.length_from,
         "skipped": stats.skipped,
@@ -204,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     mmniah.plot_accuracy_vs_length(summary, args.out / "accuracy_vs_length.png", title=f"MM-NIAH {title}")
     needles = "".join(f", {k} {v:.3f}" for k, v in summary["by_needle"].items())
-    print(f"overall {summary['overall']:.3f}{needles} ({args.scoring} scoring, {args.binning} binning)")
+    print(f"overall {summary['overall']:.3f}{needles} ({scoring} scoring, {args.binning} binning)")
     if summary["dropped_below_first_bin"]:
         print(f"  {summary['dropped_below_first_bin']} samples below the first length bin were left out")
     for task, score in summary["per_task"].items():

@@ -17,7 +17,8 @@ The response then scores 1 when the normalised gold occurs in it as a whole word
 are deleted (the flag ``re.UNICODE`` lands in ``sub``'s count argument) and the match is bounded by
 ``\\b``, which needs a word character on the far side of a gold answer's leading or trailing symbol
 (``$5``, ``50%``, ``#1`` never match, not even themselves). ``strict`` deletes every period and bounds
-the match by "no word character next to it". The article fault (a gold of only articles, ``A``,
+the match by "no word character next to it". ``v2pe`` is V2PE's copy of the official code (faults
+included), which first lower-cases, deletes ``,`` and ``?`` and writes ``'s`` as `` 's``. The article fault (a gold of only articles, ``A``,
 normalises to nothing and then matches any response with a word in it) is handled by the caller.
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-Mode = Literal["official", "strict"]
+Mode = Literal["official", "strict", "v2pe"]
 
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = ";/[]\"{}()=+\\_->@<`,?!"
@@ -84,7 +85,7 @@ def strip_punctuation(text: str, mode: Mode = "official") -> str:
     for mark in _PUNCTUATION:
         glued = join_all or f"{mark} " in text or f" {mark}" in text
         out = out.replace(mark, "" if glued else " ")
-    return _PERIOD.sub("", out, count=_OFFICIAL_PERIOD_LIMIT if mode == "official" else 0)
+    return _PERIOD.sub("", out, count=0 if mode == "strict" else _OFFICIAL_PERIOD_LIMIT)
 
 
 def normalise_words(text: str, drop_articles: bool = True) -> str:
@@ -94,13 +95,15 @@ def normalise_words(text: str, drop_articles: bool = True) -> str:
 
 
 def normalise(text: str, mode: Mode = "official", drop_articles: bool = True) -> str:
-    """The three steps: whitespace, punctuation, words."""
+    """The three steps: whitespace, punctuation, words (after V2PE's extra step in ``v2pe`` mode)."""
+    if mode == "v2pe":
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return normalise_words(strip_punctuation(text, mode), drop_articles)
 
 
 def contains_words(text: str, words: str, mode: Mode = "official") -> bool:
-    """Whether ``words`` occurs in ``text`` as a whole (official: between ``\\b`` boundaries)."""
+    """Whether ``words`` occurs in ``text`` as a whole (official, v2pe: between ``\\b`` boundaries)."""
     escaped = re.escape(words)
-    pattern = rf"\b{escaped}\b" if mode == "official" else rf"(?<!\w){escaped}(?!\w)"
+    pattern = rf"(?<!\w){escaped}(?!\w)" if mode == "strict" else rf"\b{escaped}\b"
     return re.search(pattern, text) is not None

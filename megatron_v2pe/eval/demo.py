@@ -263,6 +263,7 @@ def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -
             records,
             delta_policy=policy,
             teacher_forced=True,
+            length_source="tokens",  # the demo's samples record no context length
             batch_size=1,  # the reference attention masks a whole pack: one prompt per forward is cheapest
             max_tiles=budget,
         )

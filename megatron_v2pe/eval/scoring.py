@@ -6,7 +6,8 @@ reasoning-image) is multiple choice, a list of counts (counting-text, counting-i
 (retrieval-text, reasoning-text) is free text. Every rule first strips leading and trailing ``.``.
 
 ``official`` (the default) reproduces MM-NIAH's code, faults included, so that published numbers can be
-matched; ``strict`` is the same rules without the faults. Each rule's docstring says where they differ.
+matched; ``strict`` is the same rules without the faults; ``v2pe`` is the copy V2PE's repository scores
+with (the official rules and faults, and a few additions). Each rule's docstring says where they differ.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Literal
 from megatron_v2pe.eval.answer_normaliser import ARTICLES, Mode, contains_words, normalise
 
 AnswerKind = Literal["choice", "counting", "free"]
-MODES: tuple[Mode, ...] = ("official", "strict")
+MODES: tuple[Mode, ...] = ("official", "strict", "v2pe")
 
 TASK_KINDS: dict[str, AnswerKind] = {
     "retrieval-text": "free",
@@ -30,7 +31,7 @@ TASK_KINDS: dict[str, AnswerKind] = {
 }
 
 
-def choice_index(response: str) -> int | None:
+def choice_index(response: str, mode: Mode = "official") -> int | None:
     """The 0-based option a response names, or None.
 
     A response of decimal digits only is the option's number counted from 0 (``1``, ``1.``, ``01`` -> B;
@@ -38,8 +39,8 @@ def choice_index(response: str) -> int | None:
     ``.``, cut at the first one (commas removed), it must be a single letter (``B``, ``.B``, ``**B**``,
     ``B. a dog`` -> B; ``(B)``, ``B)``, ``[B]``, ``The answer is: B`` -> None). A response containing
     "the camera is moving left" / "right" names A / B (a rule the official code carries for another
-    benchmark). Both modes: the official code tests ``str.isdigit``, true for ``²``, and then crashes in
-    ``int``; here such a response names no option.
+    benchmark; v2pe: also a bare ``left`` / ``right``). The official code tests ``str.isdigit``, true for
+    ``²``, and then crashes in ``int``; here such a response names no option.
     """
     text = response.strip(".")
     if text.isdecimal():
@@ -48,15 +49,16 @@ def choice_index(response: str) -> int | None:
     if "." in text:
         text = text.split(".")[0].replace(",", "")
     text = text.strip()
-    if "the camera is moving left" in text:
+    bare = mode == "v2pe"
+    if "the camera is moving left" in text or (bare and text == "left"):
         text = "a"
-    elif "the camera is moving right" in text:
+    elif "the camera is moving right" in text or (bare and text == "right"):
         text = "b"
     return ord(text) - ord("a") if len(text) == 1 and "a" <= text <= "z" else None
 
 
-def score_choice(response: str, answer: int) -> float:
-    return float(choice_index(response) == answer)
+def score_choice(response: str, answer: int, mode: Mode = "official") -> float:
+    return float(choice_index(response, mode) == answer)
 
 
 def parse_counts(response: str) -> list | None:
@@ -90,12 +92,21 @@ def score_counting(response: str, answer: Sequence[int], mode: Mode = "official"
     return sum(p == a for p, a in zip(predicted, answer)) / len(answer)
 
 
+def _v2pe_cut(text: str) -> str:
+    text = text.lower().replace("the answer is", "").replace("*", "")
+    return text.split(".")[0].replace(",", "").strip() if "." in text else text
+
+
 def score_free(response: str, answer: str, mode: Mode = "official") -> float:
     """1 when the normalised answer occurs in the normalised response as whole words (see
     ``answer_normaliser``): ``the Eiffel Tower`` = ``Eiffel Tower``, ``3`` = ``three``, ``1,000`` =
     ``1000``, ``U.S.A.`` = ``USA``; ``10:30`` != ``10 30``, ``3.5`` != ``3 5``, ``$5`` != ``5``.
     Official: a gold of articles only (``A``) normalises to nothing, which matches any response with a
-    word character in it (and not itself); strict keeps the articles on both sides for such a gold."""
+    word character in it (and not itself); strict keeps the articles on both sides for such a gold.
+    V2PE's copy first scores 1 when both, lower-cased, without "the answer is" and ``*`` and cut at the
+    first ``.``, are equal (a cut response is stripped, an uncut gold is not)."""
+    if mode == "v2pe" and _v2pe_cut(response.strip(".")).strip() == _v2pe_cut(answer):
+        return 1.0
     with_articles = normalise(answer, mode, drop_articles=False)
     keep = mode == "strict" and bool(with_articles) and set(with_articles.split()) <= ARTICLES
     gold = with_articles if keep else normalise(answer, mode)
@@ -121,7 +132,7 @@ def score_response(
     if kind == "choice":
         if not isinstance(answer, int) or isinstance(answer, bool):
             raise TypeError(f"task {task!r} needs a 0-based option number, got {answer!r}")
-        return score_choice(response, answer)
+        return score_choice(response, answer, mode)
     if not isinstance(answer, str):
         raise TypeError(f"task {task!r} needs a text answer, got {answer!r}")
     return score_free(response, answer, mode)

@@ -162,6 +162,20 @@ OFFICIAL_PROMPTS = {
     "reasoning-image": "<image> text\nWhich animal appears in <image> more often?\n"
     f"A. cat\nB. dog\nC. bird\nD. fish\n{LETTER}",
 }
+# V2PE's copy (eval/mm_niah/tools.py + eval_mm_niah.py): no newline after the context, and no "single
+# word" line when the answer is a list (counting-text here; counting-image's answer is JSON text)
+V2PE_PROMPTS = {
+    "retrieval-text": "Some text. <image> More text. The secret code is 417. <image> The end."
+    f"What is the secret code?\n{SINGLE_WORD}",
+    "retrieval-image": "Look: <image> done.Which of the following images appears in the document?\n"
+    f"A. <image>\nB. <image>\nC. <image>\nD. <image>\n{LETTER}",
+    "counting-text": "Apples are red. Pears are green. Apples again.How many times is each fruit mentioned?",
+    "counting-image": f"<image> a <image> b <image>How many stars are in each image?\n{SINGLE_WORD}",
+    "reasoning-text": "Alice is taller than Bob. Bob is taller than Carol."
+    f"Who is the tallest?\n{SINGLE_WORD}",
+    "reasoning-image": "<image> textWhich animal appears in <image> more often?\n"
+    f"A. cat\nB. dog\nC. bird\nD. fish\n{LETTER}",
+}
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +199,8 @@ def test_task_names():
         mmniah.task_name("visual-reasoning.jsonl")
 
 
-def _first_records(directory):
-    records = mmniah.read_records([str(directory / "*.jsonl")])
+def _first_records(directory, protocol="mmniah"):
+    records = mmniah.read_records([str(directory / "*.jsonl")], protocol=protocol)
     return {task: next(r for r in records if r.task == task) for task in TASK_KINDS}, records
 
 
@@ -196,7 +210,8 @@ def test_reads_the_released_layout(mmniah_dir):
     assert {task: r.prompt for task, r in first.items()} == OFFICIAL_PROMPTS
     text = first["retrieval-text"]
     assert text.answer == "417" and text.depths == (0.5,) and text.meta_length == 1200
-    assert text.needles == ("The secret code is 417.",) and len(text.images) == 2 and text.one_tile_per_image
+    assert text.needles == ("The secret code is 417.",) and len(text.images) == 2
+    assert text.tiles_per_image == 1  # MM-NIAH resizes every image to one tile
     # image options come from meta.choices_image_path, after the context's images; the answer is 0-based
     image = first["retrieval-image"]
     assert image.answer == 2 and image.answer_text == "C" and len(image.images) == 5
@@ -209,6 +224,8 @@ def test_reads_the_released_layout(mmniah_dir):
     reasoning = first["reasoning-image"]
     assert reasoning.answer == 1 and reasoning.answer_text == "B" and "decoy" not in reasoning.prompt
     assert reasoning.images[1] == (mmniah_dir / "images" / "wide.png").read_bytes()  # the question's image
+    v2pe, _ = _first_records(mmniah_dir, "v2pe")
+    assert {task: r.prompt for task, r in v2pe.items()} == V2PE_PROMPTS
 
 
 def test_bad_mmniah_lines_say_where(tmp_path):
@@ -241,11 +258,19 @@ def test_prompt_is_the_training_layout_cut_before_the_answer(mmniah_dir, tokeniz
     assert tokens.count(tokenizer.img_context_id) == 5 * TOKENS_PER_TILE
     assert tokens.count(tokenizer.img_start_id) == tokens.count(tokenizer.img_end_id) == 5
     assert built.answer_tokens.tolist() == tokenizer.encode("C") + [tokenizer.token_id(IM_END)]
-    # MM-NIAH resizes each image to one tile; the training budget would cut the wide one into 2 + thumbnail
-    one_tile = mmniah.build_prompt(builder, first["retrieval-text"])
-    training = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE)
-    budget = mmniah.build_prompt(training, first["retrieval-text"])
-    assert one_tile.tiles.shape[0] == 2 and budget.tiles.shape[0] == 1 + 3
+
+
+
+def test_images_are_tiled_as_the_protocol_says(mmniah_dir, tokenizer):
+    """MM-NIAH resizes each image to one tile; V2PE's copy cuts the wide one into 2 tiles + a thumbnail."""
+    tiles = {}
+    for protocol in mmniah.PROTOCOLS:
+        records = mmniah.read_records([mmniah_dir / "retrieval-text.jsonl"], protocol=protocol)
+        budget = mmniah.tile_budget(records[0], max_tiles=6)
+        builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, budget)
+        built = mmniah.build_prompt(builder, records[0])
+        tiles[protocol] = (budget, built.tiles.shape[0])
+    assert tiles == {"mmniah": (2, 1 + 1), "v2pe": (10, 1 + 3)}
 
 
 def test_reads_synthetic_shards(synth_dir):
@@ -257,7 +282,7 @@ def test_reads_synthetic_shards(synth_dir):
     expected = {s.key: s for s in samples if s.metadata["family"] == "mmniah"}
     for record in records:
         sample = expected[record.id]
-        assert record.depths == tuple(sample.metadata["depths"]) and not record.one_tile_per_image
+        assert record.depths == tuple(sample.metadata["depths"]) and record.tiles_per_image is None
         assert record.meta_length == sample.metadata["context_tokens"]
         assert record.prompt == sample.conversations[0]["value"]
         assert len(record.images) == len(sample.images)
@@ -327,14 +352,16 @@ def test_evaluate_end_to_end(tmp_path, capsys, tokenizer, tokenizer_dir, mmniah_
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 200
 
-    # our shards too, binned adaptively by prompt tokens, strict scoring
+    # V2PE's protocol, our shards too, binned adaptively by prompt tokens, strict scoring
     out1 = tmp_path / "out1"
-    data = ["--data", str(synth_dir[0]), str(mmniah_dir / "*.jsonl")]
+    data = ["--data", str(mmniah_dir / "*.jsonl"), str(synth_dir[0]), "--protocol", "v2pe", "--print-prompts"]
     adaptive = ["--binning", "adaptive", "--length-from", "tokens", "--scoring", "strict"]
     assert evaluate.main([*common, *data, *adaptive, "--max-new-tokens", "3", "--out", str(out1)]) == 0
+    assert dict(re.findall(shown, capsys.readouterr().out, re.S)) == V2PE_PROMPTS
     summary = json.loads((out1 / "results.json").read_text())
     assert summary["skipped"] == {"longvqa": 2} and len(summary["samples"]) == 19
     assert summary["dropped_below_first_bin"] == 0 and summary["scoring"] == "strict"
+    assert summary["protocol"] == "v2pe"
     assert summary["length_edges"][0] <= min(s["prompt_tokens"] for s in summary["samples"])
     assert all(s["context_length"] == s["prompt_tokens"] for s in summary["samples"])
 

@@ -143,6 +143,25 @@ def test_official_deletes_at_most_32_periods():
     assert score_response("retrieval-text", response, "ab", "strict") == 1.0
 
 
+# (task, response, answer, official, v2pe): where V2PE's copy of the rules scores otherwise
+V2PE_COPY = [
+    ("retrieval-image", "left", 0, 0.0, 1.0),  # a bare left / right names A / B
+    ("reasoning-image", "Right.", 1, 0.0, 1.0),
+    ("retrieval-text", "$5", "$5", 0.0, 1.0),  # the exact match it tries first
+    ("reasoning-text", "A", "A", 0.0, 1.0),
+    ("retrieval-text", "The answer is **Paris**. Surely", "paris", 1.0, 1.0),
+    ("reasoning-text", "Paris,France", "Paris France", 1.0, 0.0),  # "," deleted, not a space
+    ("retrieval-text", "Is it Rome?Yes", "Rome Yes", 1.0, 0.0),  # "?" deleted
+    ("counting-text", "[true, 0]", [1, 0], 1.0, 1.0),  # counting unchanged
+]
+
+
+@pytest.mark.parametrize("task, response, answer, official, v2pe", V2PE_COPY)
+def test_v2pe_copy_of_the_rules(task, response, answer, official, v2pe):
+    assert score_response(task, response, answer, "official") == official
+    assert score_response(task, response, answer, "v2pe") == v2pe
+
+
 def test_normaliser_steps():
     assert strip_punctuation("a(b)c") == "a b c"  # no mark next to a space: marks become spaces
     assert strip_punctuation("a (b) c") == "a b c"  # "(" and ")" next to spaces: deleted

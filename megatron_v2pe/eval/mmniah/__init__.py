@@ -8,7 +8,13 @@ points ``tools/evaluate.py`` and the demo use.
 
 from megatron_v2pe.eval.mmniah.aggregation import BINNINGS, OFFICIAL_LENGTH_EDGES, default_length_edges
 from megatron_v2pe.eval.mmniah.plots import plot_accuracy_vs_length, plot_heatmap
-from megatron_v2pe.eval.mmniah.prompts import build_prompt, official_prompt, prompt_builder
+from megatron_v2pe.eval.mmniah.prompts import (
+    PROTOCOLS,
+    build_prompt,
+    official_prompt,
+    prompt_builder,
+    tile_budget,
+)
 from megatron_v2pe.eval.mmniah.records import NiahRecord, ShardReadStats, read_records, task_name
 from megatron_v2pe.eval.mmniah.run import SampleResult, check_lengths, evaluate_records
 from megatron_v2pe.eval.mmniah.summary import report_dict
@@ -16,6 +22,7 @@ from megatron_v2pe.eval.mmniah.summary import report_dict
 __all__ = [
     "BINNINGS",
     "OFFICIAL_LENGTH_EDGES",
+    "PROTOCOLS",
     "NiahRecord",
     "SampleResult",
     "ShardReadStats",
@@ -30,4 +37,5 @@ __all__ = [
     "read_records",
     "report_dict",
     "task_name",
+    "tile_budget",
 ]

@@ -12,7 +12,7 @@ tasks, the paper's columns).
 two covering the data (or the edges given); empty cells and empty length bins are left out of every
 mean; a sample below the first edge is an error.
 
-Depth bins are fifths. Official: ``int(depth / 0.2)`` with 1.0 moved to 0.99, so a depth of exactly
+Depth bins are fifths. Official (and v2pe): ``int(depth / 0.2)`` with 1.0 moved to 0.99, so a depth of exactly
 0.6 lands in bin 2 (``0.6 / 0.2 = 2.9999999999999996``); strict: the floor of ``depth * 5`` rounded to
 9 decimals (0.6 -> bin 3), 1.0 in the last bin.
 """
@@ -54,7 +54,7 @@ def depth_bin(depth: float, mode: Mode = "official") -> int:
     """Bin 0..4 of a depth in [0, 1] (see the module docstring for the two modes)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth must lie in [0, 1], got {depth}")
-    if mode == "official":
+    if mode != "strict":
         return int((0.99 if depth == 1.0 else depth) / 0.2)
     return min(math.floor(round(depth * DEPTH_BINS, 9)), DEPTH_BINS - 1)
 

@@ -28,7 +28,7 @@ from typing import Any
 from megatron_v2pe.data.shards import iter_groups, unpack_sample
 from megatron_v2pe.data.skips import BadSample
 from megatron_v2pe.data.source import expand_urls
-from megatron_v2pe.eval.mmniah.prompts import OPTION_LETTERS, official_prompt
+from megatron_v2pe.eval.mmniah.prompts import OPTION_LETTERS, TILES_PER_IMAGE, Protocol, official_prompt
 from megatron_v2pe.eval.scoring import TASK_KINDS
 
 Answer = str | int | list[int]
@@ -41,8 +41,8 @@ class NiahRecord:
     ``prompt``: the user text, every ``<image>`` standing for the next of ``images`` (encoded bytes);
     ``answer``: a 0-based option number, a list of counts or a text; ``depths``: every needle's depth
     in [0, 1]; ``meta_length``: the context length the source records (None when it records none);
-    ``one_tile_per_image``: each image is resized to one tile (MM-NIAH's own evaluation), not tiled
-    within the sample's budget as training does."""
+    ``tiles_per_image``: the most tiles of one image (the protocol's: 1 for MM-NIAH's own evaluation),
+    None to tile within the sample's budget as training does."""
 
     id: str
     task: str
@@ -53,7 +53,7 @@ class NiahRecord:
     meta_length: int | None = None
     source: str = ""
     needles: tuple[str, ...] = ()
-    one_tile_per_image: bool = False
+    tiles_per_image: int | None = None
 
     @property
     def answer_text(self) -> str:
@@ -118,9 +118,13 @@ def parse_answer(task: str, value: Any, where: str, options: int = len(OPTION_LE
 
 
 def read_mmniah_jsonl(
-    path: str | Path, task: str | None = None, image_root: str | Path | None = None
+    path: str | Path,
+    task: str | None = None,
+    image_root: str | Path | None = None,
+    protocol: Protocol = "mmniah",
 ) -> Iterator[NiahRecord]:
-    """The records of an MM-NIAH jsonl file; ``task`` defaults to the one its file name names."""
+    """The records of an MM-NIAH jsonl file, prompts as ``protocol`` builds them; ``task`` defaults to
+    the one its file name names."""
     path = Path(path)
     task = task_name(task or path.name)
     root = Path(image_root) if image_root is not None else path.parent
@@ -133,7 +137,7 @@ def read_mmniah_jsonl(
                 item = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not JSON ({err})") from None
-            yield _mmniah_record(item, task, root, where)
+            yield _mmniah_record(item, task, root, where, protocol)
 
 
 def _image_bytes(paths: Sequence[str], root: Path, where: str) -> list[bytes]:
@@ -146,7 +150,7 @@ def _image_bytes(paths: Sequence[str], root: Path, where: str) -> list[bytes]:
     return images
 
 
-def _mmniah_record(item: Any, task: str, root: Path, where: str) -> NiahRecord:
+def _mmniah_record(item: Any, task: str, root: Path, where: str, protocol: Protocol) -> NiahRecord:
     if not isinstance(item, dict):
         raise TypeError(f"{where}: expected a JSON object, got {type(item).__name__}")
     missing = [k for k in ("context", "question", "answer", "meta") if k not in item]
@@ -159,7 +163,8 @@ def _mmniah_record(item: Any, task: str, root: Path, where: str) -> NiahRecord:
     if choices and choice_images:
         raise ValueError(f"{where}: meta has both text choices and choices_image_path")
     images = list(item.get("images_list") or [])
-    prompt = official_prompt(str(item["context"]), str(item["question"]), choices, len(choice_images))
+    text = str(item["context"]), str(item["question"])
+    prompt = official_prompt(*text, choices, len(choice_images), protocol, isinstance(item["answer"], list))
     if prompt.count("<image>") != len(images) + len(choice_images):
         raise ValueError(
             f"{where}: {prompt.count('<image>')} <image> placeholders but {len(images)} images_list entries "
@@ -177,7 +182,7 @@ def _mmniah_record(item: Any, task: str, root: Path, where: str) -> NiahRecord:
         meta_length=int(length) if isinstance(length, int | float) else None,
         source=where,
         needles=tuple(str(n) for n in meta.get("needles") or ()),
-        one_tile_per_image=True,
+        tiles_per_image=TILES_PER_IMAGE[protocol],
     )
 
 
@@ -226,15 +231,17 @@ def read_records(
     task: str | None = None,
     image_root: str | Path | None = None,
     stats: ShardReadStats | None = None,
+    protocol: Protocol = "mmniah",
 ) -> list[NiahRecord]:
-    """Records of every input: ``.jsonl`` files (MM-NIAH) or shard specs (directories, globs, ``.tar``)."""
+    """Records of every input: ``.jsonl`` files (MM-NIAH, prompts as ``protocol`` builds them) or shard
+    specs (directories, globs, ``.tar``)."""
     records: list[NiahRecord] = []
     for item in data:
         text = str(item)
         jsonl = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         if jsonl and all(p.endswith(".jsonl") for p in jsonl):
             for p in jsonl:
-                records += read_mmniah_jsonl(p, task, image_root)
+                records += read_mmniah_jsonl(p, task, image_root, protocol)
         else:
             records += read_synth_shards(text, stats)
     if not records:

@@ -1,8 +1,9 @@
 """Running a model over MM-NIAH records: greedy generation (or one teacher-forced forward), then the
 response scored by its task's rule (``eval/scoring.py``).
 
-New tokens default to MM-NIAH's own evaluation (``eval_internvl.py``): 32 for the counting tasks, 16
-for the others; generation stops at ``<|im_end|>``, which the chat template closes every answer with.
+New tokens default to the protocol's: MM-NIAH's ``eval_internvl.py`` allows 32 for the counting tasks,
+16 for the others; V2PE's ``eval_mm_niah.py`` 320 and 16. Generation stops at ``<|im_end|>``, which the
+chat template closes every answer with.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Any, Literal
 
 from megatron_v2pe.data.tokenizer import IM_END, Tokenizer
 from megatron_v2pe.eval.answer_normaliser import Mode
-from megatron_v2pe.eval.mmniah.prompts import BuiltPrompt, build_prompt, prompt_builder
+from megatron_v2pe.eval.mmniah.prompts import BuiltPrompt, Protocol, build_prompt, prompt_builder, tile_budget
 from megatron_v2pe.eval.mmniah.records import Answer, NiahRecord
 from megatron_v2pe.eval.scoring import TASK_KINDS, score_response
 
 LengthSource = Literal["tokens", "meta"]
-OFFICIAL_NEW_TOKENS = {"counting": 32, "choice": 16, "free": 16}
+NEW_TOKENS: dict[Protocol, dict[str, int]] = {
+    "mmniah": {"counting": 32, "choice": 16, "free": 16},
+    "v2pe": {"counting": 320, "choice": 16, "free": 16},
+}
 
 
 @dataclass(frozen=True)
@@ -75,25 +79,30 @@ def evaluate_records(
     length_source: LengthSource = "meta",
     max_tiles: int = 6,
     mode: Mode = "official",
+    protocol: Protocol = "mmniah",
     progress: Any = None,
 ) -> list[SampleResult]:
-    """Run the model on every record and score it. ``max_new_tokens`` None: MM-NIAH's per-task limits;
-    ``max_tiles``: the tiling budget of records not tiled one tile per image."""
+    """Run the model on every record and score it. ``max_new_tokens`` None: the protocol's per-task
+    limits; ``max_tiles``: the tiling budget of records without a per-image limit."""
     from megatron_v2pe.eval.teacher_forced import teacher_forced_correct
 
     check_lengths(records, length_source)
     config = model.vlm_config
-    def builder(tiles: int):
-        return prompt_builder(tokenizer, config.tokens_per_tile, config.vision.image_size, tiles)
+    builders: dict[int, Any] = {}
 
-    builders = {False: builder(max_tiles), True: builder(1)}  # keyed by one_tile_per_image
+    def builder(record: NiahRecord):
+        budget = tile_budget(record, max_tiles)
+        if budget not in builders:
+            size = config.vision.image_size
+            builders[budget] = prompt_builder(tokenizer, config.tokens_per_tile, size, budget)
+        return builders[budget]
 
     def limit(record: NiahRecord) -> int:
-        return max_new_tokens or OFFICIAL_NEW_TOKENS[TASK_KINDS[record.task]]
+        return max_new_tokens or NEW_TOKENS[protocol][TASK_KINDS[record.task]]
 
     results: list[SampleResult] = []
     for new_tokens, batch in _batches(records, batch_size, limit):
-        built = [build_prompt(builders[r.one_tile_per_image], r) for r in batch]
+        built = [build_prompt(builder(r), r) for r in batch]
         if teacher_forced:
             answers = [b.answer_tokens.tolist() for b in built]
             correct = teacher_forced_correct(
