@@ -136,6 +136,19 @@ def _print_prompts(records: Sequence[mmniah.NiahRecord]) -> None:
         print(f"--- prompt of {record.source} ({task})\n{record.prompt}\n--- end of prompt", flush=True)
 
 
+def _print_scores(summary: dict) -> None:
+    needles = "".join(f", {k} {v:.3f}" for k, v in summary["by_needle"].items())
+    rules = f"{summary['scoring']} scoring, {summary['binning']} binning"
+    print(f"overall {summary['overall']:.3f}{needles} ({summary['protocol']} protocol, {rules})")
+    if summary["dropped_below_first_bin"]:
+        print(f"  {summary['dropped_below_first_bin']} samples below the first length bin were left out")
+    for task, score in summary["per_task"].items():
+        print(
+            f"  {task:24s} {score:.3f}  by length: "
+            + "  ".join("-" if v is None else f"{v:.2f}" for v in summary["per_length"][task])
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.batch_size < 1:
@@ -155,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = mmniah.read_records(args.data, args.task, args.image_root, stats, args.protocol)
         if args.limit is not None:
             records = records[: args.limit]
-        mmniah.check_lengths(records, args.length_from)
+        mmniah.check_lengths(records, args.length_from, args.binning, args.length_bins)
         if args.print_prompts:
             _print_prompts(records)
         model, tokenizer, window = _load(args)
@@ -213,15 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary, args.out / "heatmap.png", title=f"MM-NIAH {title}, overall {summary['overall']:.3f}"
     )
     mmniah.plot_accuracy_vs_length(summary, args.out / "accuracy_vs_length.png", title=f"MM-NIAH {title}")
-    needles = "".join(f", {k} {v:.3f}" for k, v in summary["by_needle"].items())
-    print(f"overall {summary['overall']:.3f}{needles} ({scoring} scoring, {args.binning} binning)")
-    if summary["dropped_below_first_bin"]:
-        print(f"  {summary['dropped_below_first_bin']} samples below the first length bin were left out")
-    for task, score in summary["per_task"].items():
-        print(
-            f"  {task:24s} {score:.3f}  by length: "
-            + "  ".join("-" if v is None else f"{v:.2f}" for v in summary["per_length"][task])
-        )
+    _print_scores(summary)
     print(f"wrote {args.out}/results.json, heatmap.png, accuracy_vs_length.png")
     return 0
 

@@ -4,6 +4,7 @@ on a tiny untrained model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -246,6 +247,19 @@ def test_bad_mmniah_lines_say_where(tmp_path):
     path.write_text(json.dumps({"context": "x", "question": "q", "answer": 0, "meta": {}}))
     with pytest.raises(ValueError, match="not an MM-NIAH record"):
         list(mmniah.read_records([path]))
+
+
+def test_unbinnable_lengths_are_refused_before_any_work(mmniah_dir):
+    _, records = _first_records(mmniah_dir)
+    mmniah.check_lengths(records, "meta")  # one record under 1,000 tokens: dropped, as MM-NIAH does
+    with pytest.raises(ValueError, match="7 of 7 records .* shorter than the first length bin, 100000"):
+        mmniah.check_lengths(records, "meta", "official", [100000])
+    with pytest.raises(ValueError, match="1 of 7 records .*retrieval-text.jsonl:2"):
+        mmniah.check_lengths(records, "meta", "adaptive", [1000])
+    unrecorded = [dataclasses.replace(records[0], meta_length=None)]
+    with pytest.raises(ValueError, match="records no context length; .*--length-from tokens"):
+        mmniah.check_lengths(unrecorded, "meta")
+    mmniah.check_lengths(unrecorded, "tokens")
 
 
 def test_prompt_is_the_training_layout_cut_before_the_answer(mmniah_dir, tokenizer):

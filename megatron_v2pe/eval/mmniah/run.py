@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from megatron_v2pe.data.tokenizer import IM_END, Tokenizer
 from megatron_v2pe.eval.answer_normaliser import Mode
+from megatron_v2pe.eval.mmniah.aggregation import Binning, default_length_edges
 from megatron_v2pe.eval.mmniah.prompts import BuiltPrompt, Protocol, build_prompt, prompt_builder, tile_budget
 from megatron_v2pe.eval.mmniah.records import Answer, NiahRecord
 from megatron_v2pe.eval.scoring import TASK_KINDS, score_response
@@ -38,15 +39,30 @@ class SampleResult:
     score: float
 
 
-def check_lengths(records: Sequence[NiahRecord], length_source: LengthSource) -> None:
-    """Refuse, before any work, to bin by recorded lengths that some record does not have."""
-    if length_source == "meta":
-        missing = [r.source for r in records if r.meta_length is None]
-        if missing:
-            raise ValueError(
-                f"{missing[0]} (and {len(missing) - 1} more) records no context length; "
-                "bin by the prompt's token count instead (--length-from tokens)"
-            )
+def check_lengths(
+    records: Sequence[NiahRecord],
+    length_source: LengthSource,
+    binning: Binning = "official",
+    length_edges: Sequence[int] | None = None,
+) -> None:
+    """Refuse, before any work, recorded lengths that cannot be binned: one missing, none reaching the
+    first bin, or (adaptive binning) one below it."""
+    if length_source != "meta":
+        return
+    missing = [r.source for r in records if r.meta_length is None]
+    if missing:
+        raise ValueError(
+            f"{missing[0]} (and {len(missing) - 1} more) records no context length; "
+            "bin by the prompt's token count instead (--length-from tokens)"
+        )
+    lengths = [int(r.meta_length) for r in records]
+    first = min(length_edges or default_length_edges(lengths, binning))
+    short = [r.source for r, n in zip(records, lengths) if n < first]
+    if short and (binning == "adaptive" or len(short) == len(records)):
+        raise ValueError(
+            f"{len(short)} of {len(records)} records (first {short[0]}) are shorter than the first length "
+            f"bin, {first} tokens: lower --length-bins or use --binning adaptive"
+        )
 
 
 def _batches(records: Sequence[NiahRecord], batch_size: int, limit: Callable[[NiahRecord], int]):
