@@ -1,7 +1,9 @@
 """Evaluate a checkpoint on MM-NIAH (jsonl) or our synthetic MM-NIAH shards; see ``megatron_v2pe/eval/mmniah/``.
 
-    python tools/evaluate.py --checkpoint ckpt/run --data data/synth/mmniah --out results/run \\
-        --delta-policy auto:1024
+    python tools/evaluate.py --checkpoint ckpt/run --data mm_niah_val/annotations/*.jsonl \\
+        --image-root mm_niah_val/images --out results/run
+    python tools/evaluate.py --checkpoint ckpt/run --data data/synth/mmniah --binning adaptive \\
+        --out results/synth --delta-policy auto:1024
 
 Writes ``results.json`` (scores by task, context length and needle depth, and every sample's response),
 ``heatmap.png`` (length x depth per task) and ``accuracy_vs_length.png`` under --out.

@@ -1,4 +1,4 @@
-"""MM-NIAH's rules for scoring one response (V2PE.md §6), in two modes.
+"""MM-NIAH's rules for scoring one response, in three modes.
 
 Six tasks = {retrieval, counting, reasoning} x {text needle, image needle}. The kind of the gold answer
 picks the rule, as in MM-NIAH's ``calculate_scores.py``: an option number (retrieval-image,
