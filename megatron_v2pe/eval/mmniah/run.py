@@ -59,9 +59,10 @@ def check_lengths(
     first = min(length_edges or default_length_edges(lengths, binning))
     short = [r.source for r, n in zip(records, lengths) if n < first]
     if short and (binning == "adaptive" or len(short) == len(records)):
+        fix = "lower --length-bins" + (" or use --binning adaptive" if binning == "official" else "")
         raise ValueError(
             f"{len(short)} of {len(records)} records (first {short[0]}) are shorter than the first length "
-            f"bin, {first} tokens: lower --length-bins or use --binning adaptive"
+            f"bin, {first} tokens: {fix}"
         )
 
 
