@@ -8,15 +8,20 @@ bad command line. Anything else is a fault and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 USAGE_EXIT_CODE = 2
 
 
 class UsageError(ValueError):
     """Something the user asked for cannot run; the message says what to change."""
+
+
+class OutputExists(UsageError, FileExistsError):
+    """An output path that is already there: outputs are never overwritten."""
 
 
 def is_lead_rank() -> bool:
@@ -32,3 +37,22 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
         if is_lead_rank():
             print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return USAGE_EXIT_CODE
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse reports anything else, with exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_paths_exist(args: argparse.Namespace, flags: Iterable[str]) -> None:
+    """Every input path given for ``flags`` (argparse destinations) exists, or a UsageError naming it."""
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path} does not exist; check the path")

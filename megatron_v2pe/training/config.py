@@ -491,11 +491,12 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
     ]
     for what, size, divisor, name in rules:
         if size % divisor:
-            raise ConfigError(
-                f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; choose a "
-                f"parallel size that divides {size}"
-                + ("; or set model.vocab_size to a multiple of it" if what == "vocabulary" else "")
+            fix = (
+                f"set model.vocab_size to a multiple of {divisor} (padding ids are never produced)"
+                if what == "vocabulary"
+                else f"choose {name} dividing {size}"
             )
+            raise ConfigError(f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; {fix}")
 
 
 def validate_samples(config: TrainConfig, data: DataConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> None:
