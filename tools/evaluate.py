@@ -31,7 +31,7 @@ from megatron_v2pe.v2pe.positions import parse_delta_policy
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
         type=Path,
