@@ -264,7 +264,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.MarkedYAMLError as err:
         started = f" ({err.context} started at {_where(err.context_mark)})" if err.context_mark else ""
         raise ConfigError(
-            f"{path}, {_where(err.problem_mark)}: not valid YAML: {err.problem}{started}; fix the syntax there"
+            f"{path}, {_where(err.problem_mark)}: not valid YAML: {err.problem}{started}; "
+            "fix the syntax there"
         ) from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({err}); fix the syntax") from err
@@ -479,15 +480,16 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
     tp = p.tensor_model_parallel_size
     stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
     lm, vit = vlm.language, vlm.vision
+    tp_name, stages_name = "tensor_model_parallel_size", "pipeline stages (pipeline x virtual pipeline size)"
     rules = [  # (what, size, divisor, name of the divisor)
-        ("language model attention heads", lm.num_attention_heads, tp, "tensor_model_parallel_size"),
-        ("language model query groups", lm.num_query_groups, tp, "tensor_model_parallel_size"),
-        ("language model FFN hidden size", lm.ffn_hidden_size, tp, "tensor_model_parallel_size"),
-        ("language model hidden size (the projector's width)", lm.hidden_size, tp, "tensor_model_parallel_size"),
-        ("vocabulary", lm.vocab_size, tp, "tensor_model_parallel_size"),
-        ("vision attention heads", vit.num_attention_heads, tp, "tensor_model_parallel_size"),
-        ("vision FFN hidden size", vit.ffn_hidden_size, tp, "tensor_model_parallel_size"),
-        ("language model layers", lm.num_layers, stages, "pipeline stages (pipeline x virtual pipeline size)"),
+        ("language model attention heads", lm.num_attention_heads, tp, tp_name),
+        ("language model query groups", lm.num_query_groups, tp, tp_name),
+        ("language model FFN hidden size", lm.ffn_hidden_size, tp, tp_name),
+        ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
+        ("vocabulary", lm.vocab_size, tp, tp_name),
+        ("vision attention heads", vit.num_attention_heads, tp, tp_name),
+        ("vision FFN hidden size", vit.ffn_hidden_size, tp, tp_name),
+        ("language model layers", lm.num_layers, stages, stages_name),
     ]
     for what, size, divisor, name in rules:
         if size % divisor:
@@ -496,7 +498,9 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
                 if what == "vocabulary"
                 else f"choose {name} dividing {size}"
             )
-            raise ConfigError(f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; {fix}")
+            raise ConfigError(
+                f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; {fix}"
+            )
 
 
 def validate_samples(config: TrainConfig, data: DataConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> None:

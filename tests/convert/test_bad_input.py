@@ -105,7 +105,10 @@ def _to_megatron(source, output):
     [
         (lambda data: data[: len(data) - 7], r"it is cut short: its tensors need \d+ bytes, it has \d+"),
         (lambda data: data[:40], r"it ends inside its header \(40 bytes\)"),
-        (lambda data: data[:8] + b"{not json" + data[17:], r"its header is not a safetensors header \(JSONDecodeError: .*\)"),
+        (
+            lambda data: data[:8] + b"{not json" + data[17:],
+            r"its header is not a safetensors header \(JSONDecodeError: .*\)",
+        ),
     ],
     ids=["truncated", "cut-in-header", "garbled-header"],
 )
@@ -123,8 +126,8 @@ def test_damaged_safetensors_named_in_one_line(tmp_path, capsys, damage, message
 def test_missing_input_is_named(tmp_path, capsys):
     missing = tmp_path / "no-such-run"
     for command in ("megatron-to-hf", "hf-to-megatron"):
-        code = main([command, "--hf-layout", "hf", "--input", str(missing), "--output", str(tmp_path / "out")])
-        assert code == 2
+        arguments = ["--hf-layout", "hf", "--input", str(missing), "--output", str(tmp_path / "out")]
+        assert main([command, *arguments]) == 2
         assert capsys.readouterr().err.strip() == (
             f"v2pe-convert-checkpoint: error: --input {missing} does not exist; check the path"
         )

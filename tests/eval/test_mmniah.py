@@ -318,17 +318,18 @@ def test_evaluate_counts_below_one_are_refused(tmp_path, capsys, flag, value):
     "change, message",
     [
         ({"--checkpoint": "{tmp}/nowhere"}, "--checkpoint {tmp}/nowhere does not exist; check the path"),
-        ({"--data": "{tmp}/retrieval-text-val.jsonl"}, "--data {tmp}/retrieval-text-val.jsonl does not exist"),
+        ({"--data": "{tmp}/retrieval-val.jsonl"}, "--data {tmp}/retrieval-val.jsonl does not exist"),
         ({"--data": "{tmp}/*.jsonl"}, r"--data {tmp}/\*.jsonl matches no file; check the pattern"),
         ({"--out": "{tmp}/taken"}, "--out {tmp}/taken is an existing file; name a directory for the results"),
-        ({"--delta-policy": "auto:0"}, "--delta-policy: bad δ policy 'auto:0': auto δ policy needs a positive"),
+        ({"--delta-policy": "auto:0"}, "--delta-policy: bad δ policy 'auto:0': auto δ policy needs a"),
         ({"--tokenizer": "{tmp}/taken"}, "{tmp}/taken is not a sentencepiece tokenizer model"),
     ],
 )
 def test_evaluate_bad_input_is_one_line_before_any_work(tmp_path, capsys, mmniah_dir, change, message):
     evaluate = load_tool("evaluate")
     (tmp_path / "taken").write_text("results of an earlier run\n")
-    arguments = {"--checkpoint": str(tmp_path), "--data": str(mmniah_dir / "*.jsonl"), "--out": str(tmp_path / "o")}
+    arguments = {"--checkpoint": str(tmp_path), "--data": str(mmniah_dir / "*.jsonl")}
+    arguments["--out"] = str(tmp_path / "o")
     arguments.update({k: v.format(tmp=tmp_path) for k, v in change.items()})
     assert evaluate.main([item for pair in arguments.items() for item in pair]) == 2
     (line,) = capsys.readouterr().err.splitlines()
