@@ -24,8 +24,8 @@ PACK_LIMITS = (SkipReason.TOO_LONG, SkipReason.TOO_MANY_TILES)
 def skips_before_first_fit(
     config: DataConfig, model: VLMConfig, tokenizer: Tokenizer, dataset: int, limit: int
 ) -> Counter[str] | None:
-    """None when one of the first ``limit`` samples of ``config.datasets[dataset]`` (in file order) fits
-    a pack, or it has none; else how many of them were skipped for each reason."""
+    """None when one of the first ``limit`` samples that ``config.datasets[dataset]`` gives a single
+    reader (unshuffled) fits a pack, or it has none; else how many were skipped for each reason."""
     single = dataclasses.replace(config, datasets=(config.datasets[dataset],), shuffle_buffer=0, num_epochs=1)
     stream = PackStream(single, model, Consumer(0, 1), tokenizer)
     skipped: Counter[str] = Counter()

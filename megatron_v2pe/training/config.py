@@ -22,7 +22,7 @@ import yaml
 from megatron_v2pe.data.loader import DataConfig
 from megatron_v2pe.data.packing import MAX_PACK_TOKENS, padding_multiple
 from megatron_v2pe.data.probe import PACK_LIMITS, skips_before_first_fit
-from megatron_v2pe.data.source import expand_urls
+from megatron_v2pe.data.source import DatasetUnreadable, expand_urls
 from megatron_v2pe.errors import UsageError
 from megatron_v2pe.parallel.attention_backends import resolve_attention_backend
 from megatron_v2pe.parallel.fp8 import FP8_RECIPES, fp8_transformer_overrides
@@ -508,7 +508,10 @@ def validate_samples(config: TrainConfig, data: DataConfig, vlm: VLMConfig, toke
     tokens and data.max_tiles tiles: training would skip them all, after building the model."""
     d = config.data
     for i, entry in enumerate(d.datasets):
-        skipped = skips_before_first_fit(data, vlm, tokenizer, i, PROBE_SAMPLES)
+        try:
+            skipped = skips_before_first_fit(data, vlm, tokenizer, i, PROBE_SAMPLES)
+        except DatasetUnreadable as err:
+            raise ConfigError(f"data.datasets[{i}] ({entry.shards}): {err}") from err
         if skipped and any(reason in skipped for reason in PACK_LIMITS):
             raise ConfigError(
                 f"none of the first {sum(skipped.values())} samples of data.datasets[{i}] "

@@ -198,6 +198,14 @@ def test_packs_smaller_than_every_sample(synth_data):
         preflight(config(synth_data, **{"data.max_seq_len": 64}))
 
 
+def test_a_dataset_without_readable_data_is_named_before_any_work(synth_data, tmp_path):
+    from megatron_v2pe.training.train import preflight
+
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"data.datasets\[0\] \(.*empty.tar\): .*holds no readable tar data"):
+        preflight(config(synth_data, **{"data.datasets": f"[{{shards: '{tmp_path / 'empty.tar'}'}}]"}))
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
