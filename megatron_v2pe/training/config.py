@@ -336,6 +336,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
         value = _get(config, key)
         if value is not None and not test(value):
             raise ConfigError(f"{key} is {value!r}; it must be {requirement}")
+    for key in ("model.hf_config", "checkpoint.pretrained_checkpoint"):
+        path = _get(config, key)
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"{key} {path} does not exist; check the path or set it to null")
     _validate_parallel(config, world_size)
     _validate_host(config)
     _validate_data(config)

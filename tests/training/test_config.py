@@ -105,6 +105,7 @@ def test_bad_overrides(override, message):
         ({"data.max_seq_len": 0}, 1, r"data.max_seq_len is 0; it must be in \[1, 262144\]"),
         ({"data.num_workers": -1}, 1, r"data.num_workers is -1; it must be >= 0"),
         ({"data.max_tiles": 0}, 1, r"data.max_tiles is 0; it must be >= 1"),
+        ({"model.hf_config": "/nowhere/config.json"}, 1, "model.hf_config /nowhere/config.json does not exist"),
     ],
 )
 def test_validation_messages(synth_data, extra, world_size, message):
