@@ -347,7 +347,8 @@ def test_evaluate_end_to_end(tmp_path, capsys, tokenizer, tokenizer_dir, mmniah_
     out = tmp_path / "out"
     data = ["--data", str(mmniah_dir / "*.jsonl")]
     arguments = [*common, *data, "--print-prompts", "--trained-window", "2048", "--batch-size", "6"]
-    assert evaluate.main([*arguments, "--out", str(out)]) == 0
+    # "auto", the form --help shows: auto over the trained window
+    assert evaluate.main([*arguments, "--delta-policy", "auto", "--out", str(out)]) == 0
     shown = r"--- prompt of \S+ \((\S+)\)\n(.*?)\n--- end of prompt"
     printed = re.findall(shown, capsys.readouterr().out, re.S)
     assert dict(printed) == OFFICIAL_PROMPTS and len(printed) == 6
@@ -409,3 +410,37 @@ def test_evaluate_end_to_end(tmp_path, capsys, tokenizer, tokenizer_dir, mmniah_
     assert proc.returncode == 0, proc.stderr[-5000:]
     under_cp = json.loads((out3 / "results.json").read_text())
     assert under_cp["samples"] == summary["samples"] and under_cp["cells"] == summary["cells"]
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--trained-window", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_evaluate_counts_below_one_are_refused(tmp_path, capsys, flag, value):
+    evaluate = load_tool("evaluate")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--checkpoint", str(tmp_path), "--data", "x.jsonl", "--out", "o", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("megatron_runtime")
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--checkpoint": "{tmp}/nowhere"}, "--checkpoint {tmp}/nowhere does not exist; check the path"),
+        ({"--data": "{tmp}/retrieval-val.jsonl"}, "--data {tmp}/retrieval-val.jsonl does not exist"),
+        ({"--data": "{tmp}/*.jsonl"}, r"--data {tmp}/\*.jsonl matches no file; check the pattern"),
+        ({"--out": "{tmp}/taken"}, "--out {tmp}/taken is an existing file; name a directory for the results"),
+        ({"--delta-policy": "auto:0"}, "--delta-policy: bad δ policy 'auto:0': auto δ policy needs a"),
+        ({"--tokenizer": "{tmp}/taken"}, "{tmp}/taken is not a sentencepiece tokenizer model"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line_before_any_work(tmp_path, capsys, mmniah_dir, change, message):
+    evaluate = load_tool("evaluate")
+    (tmp_path / "taken").write_text("results of an earlier run\n")
+    arguments = {"--checkpoint": str(tmp_path), "--data": str(mmniah_dir / "*.jsonl")}
+    arguments["--out"] = str(tmp_path / "o")
+    arguments.update({k: v.format(tmp=tmp_path) for k, v in change.items()})
+    assert evaluate.main([item for pair in arguments.items() for item in pair]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch("evaluate.py: error: " + message.format(tmp=tmp_path) + ".*", line)
+    assert (tmp_path / "taken").read_text() == "results of an earlier run\n" and not (tmp_path / "o").exists()
