@@ -1,8 +1,8 @@
 """V2PE token positions and the policies that pick δ for each image.
 
-Every token of a sample gets a real-valued position (V2PE.md §1): p_0 = 0, then each text token adds 1 and
-each visual token adds the δ of its image (0 < δ ≤ 1). One image is one maximal run of visual tokens and
-all its tiles share one δ. Packed sequences restart positions at 0 in every sub-sample.
+Every token of a sample gets a real-valued position (V2PE, arXiv 2412.09616): p_0 = 0, then each text
+token adds 1 and each visual token adds the δ of its image (0 < δ ≤ 1). One image is one maximal run of
+visual tokens and all its tiles share one δ. Packed sequences restart positions at 0 in every sub-sample.
 
 Positions are float64 and computed in closed form per constant run of tokens, never by a long running
 sum of float increments: with dyadic δ (the candidates below) every position is then exact, even for
