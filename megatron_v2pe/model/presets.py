@@ -43,7 +43,9 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class LanguageConfig:
-    """InternLM2: RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings."""
+    """A dense decoder: RMSNorm, SwiGLU, grouped-query attention. The defaults are InternLM2's (no
+    biases, untied embeddings); Qwen2 adds a qkv bias, Qwen3 per-head q/k RMSNorm and its own head
+    width, the small sizes of both tie the input and output embeddings (``llm_families``)."""
 
     num_layers: int
     hidden_size: int
@@ -54,6 +56,17 @@ class LanguageConfig:
     rotary_base: float = 1e6
     layernorm_epsilon: float = 1e-5
     max_sequence_length: int = 32768
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    tie_word_embeddings: bool = False
+    family: str = field(default="internlm2", compare=False)
+    """How the release names its language-model tensors (``llm_families.FAMILIES``); InternLM2 and
+    Llama are the same computation, so two configs differing only here describe one architecture."""
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,8 @@ def language_transformer_config(config: VLMConfig, **overrides: Any) -> Transfor
         overrides.setdefault("batch_p2p_comm", False)
     return internlm2_transformer_config(
         lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups,
-        lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon, **overrides,
+        lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon,
+        add_qkv_bias=lm.qkv_bias, qk_layernorm=lm.qk_layernorm, kv_channels=lm.kv_channels, **overrides,
     )
 
 
@@ -155,7 +169,8 @@ def internvl2_2b() -> VLMConfig:
 
 
 def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
-    """Build from an InternVL2 Hugging Face ``config.json`` (a path, a model directory, or the dict)."""
+    """Build from an InternVL Hugging Face ``config.json`` (a path, a model directory, or the dict); the
+    language model is InternLM2 or the family ``llm_config`` names (``llm_families``)."""
     if isinstance(source, dict):
         hf = source
     else:
@@ -187,10 +202,17 @@ def from_hf_config(source: str | Path | dict, img_context_token_id: int | None =
         )
     except KeyError as err:
         raise ValueError(f"not an InternVL2 config.json: missing key {err}") from err
-    if vit.get("qkv_bias") is False or vit.get("qk_normalization") or llm.get("tie_word_embeddings"):
+    from megatron_v2pe.model.llm_families import llm_family, read_language_config  # (imports this module)
+
+    family = llm_family(llm)
+    if family != "internlm2":  # Qwen2 / Qwen3 / Llama: their own fields
+        language = read_language_config(llm, family)
+    if vit.get("qkv_bias") is False or vit.get("qk_normalization") or (
+        family == "internlm2" and llm.get("tie_word_embeddings")
+    ):
         raise ValueError(
-            "unsupported InternVL2 variant: expected qkv_bias=True, qk_normalization=False and untied "
-            "word embeddings (the InternViT-300M + InternLM2 family)"
+            "unsupported InternVL variant: expected qkv_bias=True, qk_normalization=False (InternViT-300M) "
+            "and, for InternLM2, untied word embeddings"
         )
     return VLMConfig(
         vision=vision,
