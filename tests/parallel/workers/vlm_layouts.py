@@ -30,10 +30,17 @@ from megatron_v2pe.model.vlm import model_chunks, model_inputs, sharded_model_st
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.training.step import forward_backward
+from tests.convert.tiny_models import family_config
 from tests.model.vlm_batches import pack, sub_sample
 
-BASE = tiny()
-CONFIG = dataclasses.replace(BASE, language=dataclasses.replace(BASE.language, num_layers=4))
+CONFIG = None  # the tiny VLM of --family with a 4-layer language model, set by main()
+
+
+def four_layer_config(family: str):
+    """``tiny()`` (InternLM2) or a family of ``tests/convert/tiny_models``, with 4 language layers."""
+    base = tiny() if family == "internlm2" else family_config(family)
+    return dataclasses.replace(base, language=dataclasses.replace(base.language, num_layers=4))
+
 PACK_TOKENS = 192
 PAD_MULTIPLE = 16  # 2·CP·TP for the largest layout (CP4 with TP2 sequence parallel)
 
@@ -151,7 +158,10 @@ def main() -> None:
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--layouts", required=True)
+    parser.add_argument("--family", default="internlm2")
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = four_layer_config(args.family)
 
     ref_loss, weights, grads = reference(args.workdir)
     results = {"reference_loss": ref_loss, "layouts": {}}
