@@ -34,6 +34,12 @@ MIXTURE_OF_EXPERTS = {
 }  # fmt: skip
 
 
+PLAIN_INSIDE_THE_WINDOW = ("default", "dynamic")
+"""RoPE kinds equal to plain RoPE at every position below ``max_position_embeddings``: dynamic NTK (the
+InternVL3 releases' Qwen2.5 say ``{"rope_type": "dynamic", "factor": 2.0}``) rescales only longer
+inputs, which V2PE keeps inside the window; it is read as InternLM2's ``rope_scaling`` is."""
+
+
 def llm_family(llm: dict[str, Any]) -> str:
     """The family of an ``llm_config`` / ``text_config``; InternVL2's InternLM2 when it names none."""
     names = [*(llm.get("architectures") or []), llm.get("model_type")]
@@ -63,7 +69,7 @@ def _problems(llm: dict[str, Any], family: str) -> list[str]:
     """Fields whose value changes the computation in a way the model does not implement."""
     scaling = llm.get("rope_scaling") or llm.get("rope_parameters") or {}
     problems = []
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+    if scaling.get("rope_type", scaling.get("type", "default")) not in PLAIN_INSIDE_THE_WINDOW:
         problems.append(
             f"llm_config.rope_scaling {scaling}: V2PE positions use plain RoPE and {family} RoPE "
             "scaling is not implemented; remove the field to train at the base frequencies"

@@ -168,6 +168,43 @@ def internvl2_2b() -> VLMConfig:
     )
 
 
+QWEN_IMG_CONTEXT_ID = 151667
+"""`<IMG_CONTEXT>` in the tokenizer of the Qwen2.5-based releases (151,643 Qwen tokens + InternVL's specials)."""
+
+
+def internvit_300m_v2_5() -> VisionConfig:
+    """InternViT-300M-448px(-V2_5): the vision tower of InternVL2-2B, InternVL2.5-1B/2B/4B/8B and
+    InternVL3-1B/2B/8B/9B/14B (the same shapes; V2_5 is retrained weights)."""
+    return VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096)
+
+
+def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> LanguageConfig:
+    """Qwen2.5 as InternVL releases it: q/k/v biases, InternVL's 151,674-token vocabulary, RoPE base 1e6,
+    a separate output layer (their config.json leaves tie_word_embeddings false and ships lm_head)."""
+    return LanguageConfig(num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+                          num_query_groups=groups, ffn_hidden_size=ffn, vocab_size=151674, layernorm_epsilon=1e-6,
+                          qkv_bias=True, family="qwen2")  # fmt: skip
+
+
+def qwen_release(name: str, language: LanguageConfig) -> VLMConfig:
+    return VLMConfig(internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, name=name)
+
+
+def internvl2_5_1b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct."""
+    return qwen_release("internvl2_5_1b", qwen2_5(24, 896, 14, 2, 4864))
+
+
+def internvl3_2b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-1.5B."""
+    return qwen_release("internvl3_2b", qwen2_5(28, 1536, 12, 2, 8960))
+
+
+def internvl3_8b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-7B."""
+    return qwen_release("internvl3_8b", qwen2_5(28, 3584, 28, 4, 18944))
+
+
 def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
     """Build from an InternVL Hugging Face ``config.json`` (a path, a model directory, or the dict); the
     language model is InternLM2 or the family ``llm_config`` names (``llm_families``)."""
@@ -223,7 +260,8 @@ def from_hf_config(source: str | Path | dict, img_context_token_id: int | None =
     )
 
 
-PRESETS = {"tiny": tiny, "internvl2_2b": internvl2_2b}
+PRESETS = {"tiny": tiny, "internvl2_2b": internvl2_2b, "internvl2_5_1b": internvl2_5_1b, "internvl3_2b": internvl3_2b,
+           "internvl3_8b": internvl3_8b}  # fmt: skip
 
 
 def preset(name: str) -> VLMConfig:
