@@ -63,7 +63,9 @@ def rules(config: VLMConfig) -> list[Rule]:
     return [
         *VISION_OUTSIDE_LAYERS,
         *PROJECTOR,
-        *layer_rules("vision", "vision_model.encoder.layers", "vision_model.decoder.layers", vision_layer(config)),
+        *layer_rules(
+            "vision", "vision_model.encoder.layers", "vision_model.decoder.layers", vision_layer(config)
+        ),
         *language_rules(config.language, naming(config)),
     ]
 

@@ -66,11 +66,15 @@ def language_rules(lm: LanguageConfig, naming: Naming) -> list[Rule]:
     embedding, norm, output = INTERNLM2_OUTSIDE_LAYERS if naming == "internlm2" else LLAMA_OUTSIDE_LAYERS
     layer = INTERNLM2_LAYER if naming == "internlm2" else llama_layer(lm)
     rules = [
-        rule(f"language_model.{embedding}", "language_model.embedding.word_embeddings.weight", IDENTITY, COLUMN),
+        rule(
+            f"language_model.{embedding}", "language_model.embedding.word_embeddings.weight", IDENTITY, COLUMN
+        ),
         rule(f"language_model.{norm}", "language_model.decoder.final_layernorm.weight"),
     ]
     if not lm.tie_word_embeddings:
-        rules.append(rule(f"language_model.{output}", "language_model.output_layer.weight", IDENTITY, COLUMN))
+        rules.append(
+            rule(f"language_model.{output}", "language_model.output_layer.weight", IDENTITY, COLUMN)
+        )
     return [
         *rules,
         *layer_rules("language", "language_model.model.layers", "language_model.decoder.layers", layer),

@@ -1,11 +1,9 @@
-"""The language models of the InternVL releases, recognised from config.json and read into a ``LanguageConfig``.
+"""The language models of the InternVL releases, recognised from config.json, read into a LanguageConfig.
 
-| family      | ``architectures`` / ``model_type``     | what differs from InternLM2                                  |
-|-------------|----------------------------------------|--------------------------------------------------------------|
-| ``internlm2`` | InternLM2ForCausalLM / internlm2     | (the base: RMSNorm, SwiGLU, GQA, no biases, untied)          |
-| ``qwen2``   | Qwen2ForCausalLM / qwen2 (Qwen2.5 too) | q, k, v biases; tied embeddings in the small sizes           |
-| ``qwen3``   | Qwen3ForCausalLM / qwen3               | per-head q/k RMSNorm, its own head width; tied in small sizes |
-| ``llama``   | LlamaForCausalLM / llama (Llama-3)     | nothing (Llama-3's rope_theta is 500000)                     |
+- ``internlm2`` (InternLM2ForCausalLM): the base, RMSNorm, SwiGLU, GQA, no biases, untied embeddings;
+- ``qwen2`` (Qwen2ForCausalLM, Qwen2.5 too): q, k, v biases; tied embeddings in the small sizes;
+- ``qwen3`` (Qwen3ForCausalLM): per-head q/k RMSNorm, a head width of its own; tied in the small sizes;
+- ``llama`` (LlamaForCausalLM, Llama-3): as InternLM2 (Llama-3's rope_theta is 500000).
 
 Mixture-of-experts releases (Qwen3-MoE in InternVL3.5-30B-A3B and -241B-A28B, GPT-OSS) are refused:
 only dense decoders are built. Every field that would change the computation and that the model does not

@@ -169,7 +169,7 @@ def internvl2_2b() -> VLMConfig:
 
 
 QWEN_IMG_CONTEXT_ID = 151667
-"""`<IMG_CONTEXT>` in the tokenizer of the Qwen2.5-based releases (151,643 Qwen tokens + InternVL's specials)."""
+"""`<IMG_CONTEXT>` in the tokenizer of the Qwen2.5-based releases (Qwen's 151,643 tokens + specials)."""
 
 
 def internvit_300m_v2_5() -> VisionConfig:
@@ -181,9 +181,10 @@ def internvit_300m_v2_5() -> VisionConfig:
 def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> LanguageConfig:
     """Qwen2.5 as InternVL releases it: q/k/v biases, InternVL's 151,674-token vocabulary, RoPE base 1e6,
     a separate output layer (their config.json leaves tie_word_embeddings false and ships lm_head)."""
-    return LanguageConfig(num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
-                          num_query_groups=groups, ffn_hidden_size=ffn, vocab_size=151674, layernorm_epsilon=1e-6,
-                          qkv_bias=True, family="qwen2")  # fmt: skip
+    return LanguageConfig(
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=ffn, vocab_size=151674, layernorm_epsilon=1e-6, qkv_bias=True, family="qwen2",
+    )  # fmt: skip
 
 
 def qwen_release(name: str, language: LanguageConfig) -> VLMConfig:
@@ -260,8 +261,13 @@ def from_hf_config(source: str | Path | dict, img_context_token_id: int | None =
     )
 
 
-PRESETS = {"tiny": tiny, "internvl2_2b": internvl2_2b, "internvl2_5_1b": internvl2_5_1b, "internvl3_2b": internvl3_2b,
-           "internvl3_8b": internvl3_8b}  # fmt: skip
+PRESETS = {
+    "tiny": tiny,
+    "internvl2_2b": internvl2_2b,
+    "internvl2_5_1b": internvl2_5_1b,
+    "internvl3_2b": internvl3_2b,
+    "internvl3_8b": internvl3_8b,
+}
 
 
 def preset(name: str) -> VLMConfig:

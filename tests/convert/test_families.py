@@ -58,7 +58,8 @@ def test_remote_code_layout_gives_the_llms_own_logits(tmp_path, family):
     for delta in (1.0, 0.25):
         tokens, positions = _text_tokens_and_positions(delta)
         with torch.no_grad():
-            expected = reference(tokens, position_ids=positions, attention_mask=torch.ones_like(tokens)).logits
+            mask = torch.ones_like(tokens)
+            expected = reference(tokens, position_ids=positions, attention_mask=mask).logits
             found = ours(input_ids=tokens, positions=positions)
         torch.testing.assert_close(found.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
 
@@ -70,7 +71,8 @@ def test_remote_code_round_trip_is_bit_identical(tmp_path, family):
     megatron, exported = tmp_path / "megatron", tmp_path / "exported"
     args = ["--hf-layout", "internvl2", "--input"]
     assert main(["hf-to-megatron", *args, str(source), "--output", str(megatron), *IMG]) == 0
-    assert main(["megatron-to-hf", *args, str(megatron), "--output", str(exported), "--reference", str(source)]) == 0
+    reference = ["--reference", str(source)]
+    assert main(["megatron-to-hf", *args, str(megatron), "--output", str(exported), *reference]) == 0
     _assert_identical(_tensors(exported), tensors)
     released = json.loads((source / "config.json").read_text())
     assert json.loads((exported / "config.json").read_text())["llm_config"] == released["llm_config"]
@@ -103,7 +105,7 @@ def _release_config(**llm_changes) -> dict:
     [
         ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, "mixture-of-experts"),
         ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}, "mixture-of-experts"),
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not a supported language model"),
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not a supported language"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
         ({"use_sliding_window": True}, "use_sliding_window"),
         ({"hidden_act": "gelu"}, "hidden_act"),

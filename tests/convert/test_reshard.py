@@ -20,7 +20,8 @@ FAMILIES = ("llama", "qwen2", "qwen3")  # InternLM2 as Llama; q/k/v biases and t
 def test_tp2_pp2_checkpoint_exports_like_tp1(tmp_path):
     for family in FAMILIES:
         hf_native_model(family=family).save_pretrained(tmp_path / family / "hf")
-        hf_to_megatron(tmp_path / family / "hf", tmp_path / family / "tp1", "hf", expected=family_config(family))
+        directory = tmp_path / family
+        hf_to_megatron(directory / "hf", directory / "tp1", "hf", expected=family_config(family))
     run_torchrun(
         "../../convert/workers/reshard.py",
         4,
@@ -32,7 +33,8 @@ def test_tp2_pp2_checkpoint_exports_like_tp1(tmp_path):
     )
     for family in FAMILIES:
         directory = tmp_path / family
-        (directory / "tp2pp2" / "vlm_config.json").write_text((directory / "tp1" / "vlm_config.json").read_text())
+        config = (directory / "tp1" / "vlm_config.json").read_text()
+        (directory / "tp2pp2" / "vlm_config.json").write_text(config)
         megatron_to_hf(directory / "tp2pp2", directory / "exported", "hf")
         exported = load_file(directory / "exported" / "model.safetensors")
         source = load_file(directory / "hf" / "model.safetensors")

@@ -12,7 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_v2pe.model.presets import internvl2_5_1b, internvl3_2b, internvl3_8b, language_transformer_config
+from megatron_v2pe.model.presets import (
+    internvl2_5_1b,
+    internvl3_2b,
+    internvl3_8b,
+    language_transformer_config,
+)
 from megatron_v2pe.model.vlm import InternVLModel
 
 pytestmark = pytest.mark.usefixtures("megatron_runtime")

@@ -30,12 +30,13 @@ def main() -> None:
     params = {}
     for source, target in zip(args.sources, args.targets, strict=True):
         config = config_from_dict(json.loads((source / "vlm_config.json").read_text()))
-        params[source.name] = double(config, source, target)
+        params[str(source)] = double(config, source, target)
     if dist.get_rank() == 0:
         args.result.write_text(json.dumps({"params_on_rank0": params}))
 
 
 def double(config, source: Path, target: Path) -> int:
+    """Load ``source`` at this layout, double every weight, save to ``target``; this rank's parameters."""
     model = InternVLModel(
         config,
         language_transformer_config(config, tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
@@ -44,7 +45,8 @@ def double(config, source: Path, target: Path) -> int:
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
     )
-    model.load_state_dict(dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(source))["model0"])
+    loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(source))
+    model.load_state_dict(loaded["model0"])
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(2)
