@@ -70,3 +70,31 @@ def test_release_preset_has_the_published_parameter_count(release):
     count = sum(p.numel() for p in model.parameters())
     assert count == internvit_300m_count() + mlp1_count(llm[1]) + qwen2_5_count(*llm)
     assert round(count / 1e9, 2) == billions
+
+
+def test_a_released_config_json_reads_as_the_preset():
+    """InternVL3-1B's config.json (the same architecture as InternVL2.5-1B), its architecture fields as
+    published, dynamic NTK rope_scaling included."""
+    from megatron_v2pe.convert.checks import config_differences
+    from megatron_v2pe.model.presets import QWEN_IMG_CONTEXT_ID, from_hf_config
+
+    released = {
+        "architectures": ["InternVLChatModel"], "downsample_ratio": 0.5, "force_image_size": 448,
+        "template": "internvl2_5", "tie_word_embeddings": False,
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_hidden_layers": 24,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "max_position_embeddings": 32768,
+            "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+            "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False, "vocab_size": 151674,
+        },
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "drop_path_rate": 0.1, "hidden_act": "gelu",
+            "hidden_size": 1024, "image_size": 448, "initializer_factor": 0.1, "intermediate_size": 4096,
+            "layer_norm_eps": 1e-06, "norm_type": "layer_norm", "num_attention_heads": 16,
+            "num_hidden_layers": 24, "patch_size": 14, "qk_normalization": False, "qkv_bias": True,
+        },
+    }  # fmt: skip
+    config = from_hf_config(released, QWEN_IMG_CONTEXT_ID)
+    assert config_differences(config, internvl2_5_1b()) == []
+    assert config.language.family == "qwen2" and not config.language.tie_word_embeddings
