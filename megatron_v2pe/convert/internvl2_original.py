@@ -11,6 +11,7 @@ from typing import Any
 
 from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.convert.language_tables import language_rules
+from megatron_v2pe.convert.vision_towers import for_tower
 from megatron_v2pe.convert.mapping import IDENTITY, Rule, StackedQKV, TPSplit, layer_rules, rule
 from megatron_v2pe.model.presets import VLMConfig, from_hf_config
 
@@ -36,7 +37,7 @@ PROJECTOR = [
 def vision_layer(config: VLMConfig) -> list[Rule]:
     vit = config.vision
     vit_qkv = StackedQKV(vit.num_attention_heads, vit.hidden_size // vit.num_attention_heads)
-    return [
+    internvit_300m = [
         rule("ls1", "ls1"),
         rule("ls2", "ls2"),
         rule("norm1.weight", "input_layernorm.weight"),
@@ -52,6 +53,7 @@ def vision_layer(config: VLMConfig) -> list[Rule]:
         rule("mlp.fc2.weight", "mlp.linear_fc2.weight", IDENTITY, ROW),
         rule("mlp.fc2.bias", "mlp.linear_fc2.bias"),
     ]
+    return for_tower(internvit_300m, vit, "attn.q_norm.weight", "attn.k_norm.weight")
 
 
 def naming(config: VLMConfig) -> str:

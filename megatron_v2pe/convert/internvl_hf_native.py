@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_v2pe.convert.language_tables import language_rules
+from megatron_v2pe.convert.vision_towers import for_tower
 from megatron_v2pe.convert.mapping import IDENTITY, Rule, SeparateQKV, TPSplit, layer_rules, rule
+from megatron_v2pe.model.internvit_6b import read_vision_variant
 from megatron_v2pe.model.llm_families import llm_family, read_language_config
 from megatron_v2pe.model.presets import LanguageConfig, VisionConfig, VLMConfig
 
@@ -41,6 +43,7 @@ def rules(config: VLMConfig) -> list[Rule]:
         rule("mlp.fc2.weight", "mlp.linear_fc2.weight", IDENTITY, ROW),
         rule("mlp.fc2.bias", "mlp.linear_fc2.bias"),
     ]
+    vision_layer = for_tower(vision_layer, vit, "attention.q_norm.weight", "attention.k_norm.weight")
     return [
         rule("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
         rule("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
@@ -79,19 +82,18 @@ def read_config(hf: dict[str, Any], img_context_token_id: int | None = None) -> 
             patch_size=size(vit["patch_size"]),
             layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
             layer_scale_init=vit.get("layer_scale_init_value", 0.1),
+            **read_vision_variant(
+                {
+                    "norm_type": vit.get("norm_type", "layer_norm"),
+                    "qkv_bias": vit.get("attention_bias", False),
+                    "qk_normalization": vit.get("use_qk_norm", False),
+                }
+            ),
         )
     except KeyError as err:
         raise ValueError(f"not a transformers InternVL config.json: missing key {err}") from err
     language = read_language_config(llm, llm_family({"model_type": llm.get("model_type", "llama")}))
     problems = []
-    if (
-        not vit.get("attention_bias")
-        or vit.get("use_qk_norm")
-        or vit.get("norm_type", "layer_norm") != "layer_norm"
-    ):
-        problems.append(
-            "vision_config must have attention_bias=True, use_qk_norm=False, norm_type='layer_norm'"
-        )
     if not vit.get("use_mean_pooling", True):
         problems.append("vision_config.use_mean_pooling=False adds a final norm InternViT does not have")
     if problems:
@@ -120,7 +122,9 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
         patch_size=vit.patch_size,
         layer_norm_eps=vit.layernorm_epsilon,
         layer_scale_init_value=vit.layer_scale_init,
-        attention_bias=True,
+        attention_bias=vit.qkv_bias,
+        use_qk_norm=vit.qk_normalization,
+        norm_type={"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}[vit.normalization],
         use_mean_pooling=True,
     )
     hf = InternVLConfig(

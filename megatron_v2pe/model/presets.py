@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
+from megatron_v2pe.model.internvit_6b import read_vision_variant
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-6
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
+    normalization: str = "LayerNorm"  # InternViT-6B: "RMSNorm"
+    qkv_bias: bool = True  # InternViT-6B: False
+    qk_normalization: bool = False  # InternViT-6B: q and k RMS-normalised over all heads (internvit_6b.py)
 
     @property
     def patches_per_side(self) -> int:
@@ -120,7 +124,9 @@ def language_transformer_config(config: VLMConfig, **overrides: Any) -> Transfor
 
 
 def vision_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
-    """InternViT blocks: LayerNorm, GELU MLP, biases everywhere; never split across pipeline stages."""
+    """InternViT blocks: LayerNorm (6B: RMSNorm), GELU MLP, biases (6B: none on qkv, dropped in its spec);
+    never split across pipeline stages (the tower is a few percent of the model and runs before the first
+    language layer: the first stage holds it, and its layer budget can be lowered to compensate)."""
     vit = config.vision
     params_dtype = overrides.pop("params_dtype", torch.float32)
     fields: dict[str, Any] = dict(
@@ -128,7 +134,7 @@ def vision_transformer_config(config: VLMConfig, **overrides: Any) -> Transforme
         hidden_size=vit.hidden_size,
         num_attention_heads=vit.num_attention_heads,
         ffn_hidden_size=vit.ffn_hidden_size,
-        normalization="LayerNorm",
+        normalization=vit.normalization,
         layernorm_epsilon=vit.layernorm_epsilon,
         activation_func=F.gelu,
         gated_linear_unit=False,
@@ -226,6 +232,7 @@ def from_hf_config(source: str | Path | dict, img_context_token_id: int | None =
             layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
             layer_scale_init=vit.get("initializer_factor", 0.1),
             drop_path_rate=vit.get("drop_path_rate", 0.0),
+            **read_vision_variant(vit),
         )
         language = LanguageConfig(
             num_layers=llm["num_hidden_layers"],
@@ -245,12 +252,10 @@ def from_hf_config(source: str | Path | dict, img_context_token_id: int | None =
     family = llm_family(llm)
     if family != "internlm2":  # Qwen2 / Qwen3 / Llama: their own fields
         language = read_language_config(llm, family)
-    if vit.get("qkv_bias") is False or vit.get("qk_normalization") or (
-        family == "internlm2" and llm.get("tie_word_embeddings")
-    ):
+    if family == "internlm2" and llm.get("tie_word_embeddings"):
         raise ValueError(
-            "unsupported InternVL variant: expected qkv_bias=True, qk_normalization=False (InternViT-300M) "
-            "and, for InternLM2, untied word embeddings"
+            "unsupported InternVL variant: InternLM2 has untied word embeddings "
+            "(llm_config.tie_word_embeddings must be false)"
         )
     return VLMConfig(
         vision=vision,

@@ -77,7 +77,8 @@ class InternVLModel(MegatronModule):
         )
         if pre_process:
             vision_config = vision_config or vision_transformer_config(config)
-            self.vision_model = InternViTModel(config.vision, vision_config, vision_layer_spec(attention_backend))
+            layer_spec = vision_layer_spec(attention_backend, config.vision)
+            self.vision_model = InternViTModel(config.vision, vision_config, layer_spec)
             projector_config = dataclasses.replace(language_config, sequence_parallel=False)
             self.vision_projection = VisionProjector(config, projector_config)
 

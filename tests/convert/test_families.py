@@ -64,9 +64,11 @@ def test_remote_code_layout_gives_the_llms_own_logits(tmp_path, family):
         torch.testing.assert_close(found.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", NAMED_AS_THEIR_CLASS)
-def test_remote_code_round_trip_is_bit_identical(tmp_path, family):
-    tensors, hf_config = original_release(family)
+@pytest.mark.parametrize(
+    ("family", "tower"), [*((f, "300m") for f in NAMED_AS_THEIR_CLASS), ("internlm2", "6b"), ("qwen2", "6b")]
+)
+def test_remote_code_round_trip_is_bit_identical(tmp_path, family, tower):
+    tensors, hf_config = original_release(family, tower=tower)
     source = write_internvl2(tmp_path / "release", tensors, hf_config)
     megatron, exported = tmp_path / "megatron", tmp_path / "exported"
     args = ["--hf-layout", "internvl2", "--input"]
@@ -78,19 +80,22 @@ def test_remote_code_round_trip_is_bit_identical(tmp_path, family):
     assert json.loads((exported / "config.json").read_text())["llm_config"] == released["llm_config"]
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])  # llama: test_round_trip
-def test_hf_native_round_trip_is_bit_identical(tmp_path, family):
+HF_CASES = [*((f, "300m") for f in FAMILIES if f != "llama"), ("llama", "6b"), ("qwen2", "6b")]
+
+
+@pytest.mark.parametrize(("family", "tower"), HF_CASES)  # llama on InternViT-300M: test_round_trip
+def test_hf_native_round_trip_is_bit_identical(tmp_path, family, tower):
     from transformers import InternVLForConditionalGeneration
 
     source, megatron, exported = tmp_path / "hf", tmp_path / "megatron", tmp_path / "exported"
-    hf_native_model(family=family).save_pretrained(source)
+    hf_native_model(family=family, tower=tower).save_pretrained(source)
     args = ["--hf-layout", "hf", "--input"]
     assert main(["hf-to-megatron", *args, str(source), "--output", str(megatron)]) == 0
     assert main(["megatron-to-hf", *args, str(megatron), "--output", str(exported)]) == 0
     _assert_identical(load_file(exported / "model.safetensors"), load_file(source / "model.safetensors"))
     reloaded, info = InternVLForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
-    expected = {"llama3": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}[family]
+    expected = {"llama": "LlamaModel", "llama3": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}[family]
     assert type(reloaded.model.language_model).__name__ == expected
 
 

@@ -1,6 +1,7 @@
 """transformers' own InternVL -> our model: the same logits, with integer and with V2PE positions, for the
 text model of every language family (Llama as InternLM2 and Llama-3, Qwen2 tied with biases, Qwen3 tied
-with q/k norms)."""
+with q/k norms) and both vision towers (InternViT-300M; InternViT-6B's RMSNorm, no qkv bias, cross-head
+q/k norms)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ pytestmark = pytest.mark.usefixtures("megatron_runtime")
 LAYOUT = LAYOUTS["hf"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+CASES = [(family, "300m") for family in FAMILIES] + [("llama", "6b"), ("qwen2", "6b")]
+"""(language family, vision tower): every family on InternViT-300M, and InternViT-6B's normalisation under
+InternLM2 (InternVL2.5-26B) and Qwen2.5 (InternVL3-78B)."""
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
 def converted(request, tmp_path_factory):
-    """(the transformers model, our model loaded from its save_pretrained directory)."""
-    hf = hf_native_model(family=request.param)
+    """(the transformers model, our model loaded from its save_pretrained directory, the case)."""
+    hf = hf_native_model(family=request.param[0], tower=request.param[1])
     directory = tmp_path_factory.mktemp("hf_native")
     hf.save_pretrained(directory)
     config = LAYOUT.read_config(json.loads((directory / "config.json").read_text()))
@@ -65,9 +71,9 @@ def _hf_logits(model, batch, position_ids: torch.Tensor | None) -> torch.Tensor:
 
 
 def test_config_reads_as_the_family_preset(converted):
-    hf, _, family = converted
-    config = LAYOUT.read_config(hf.config.to_dict())
-    assert config == family_config(family) and config.language.family == family_config(family).language.family
+    hf, _, case = converted
+    config, expected = LAYOUT.read_config(hf.config.to_dict()), family_config(*case)
+    assert config == expected and config.language.family == expected.language.family
 
 
 def test_integer_positions_give_transformers_logits(converted):
@@ -79,11 +85,11 @@ def test_integer_positions_give_transformers_logits(converted):
 
 @pytest.mark.parametrize("float64_rotary", [False, True], ids=["stock_rotary", "float64_rotary"])
 def test_v2pe_positions_give_transformers_logits(converted, float64_rotary):
-    hf, ours, family = converted
+    hf, ours, case = converted
     batch = _batch((0.25, 1 / 256))
     assert batch.positions[-1] < len(batch.tokens) - 10  # the fractional steps are really there
     if float64_rotary:
-        hf = hf_native_model(family=family)
+        hf = hf_native_model(family=case[0], tower=case[1])
         use_float64_rotary(hf)
     torch.testing.assert_close(
         _our_logits(ours, batch), _hf_logits(hf, batch, batch.positions[None]), atol=1e-5, rtol=1e-5

@@ -16,10 +16,12 @@ pytestmark = pytest.mark.usefixtures("megatron_runtime")
 CONFIG = tiny()
 
 
-@pytest.fixture(scope="module", params=("internlm2", *FAMILIES))
+@pytest.fixture(scope="module", params=("internlm2", *FAMILIES, "internlm2-6b", "qwen2-6b"))
 def family(request):
-    """(architecture, its Megatron weights) for InternLM2 and each tiny family of ``tiny_models``."""
-    config = CONFIG if request.param == "internlm2" else family_config(request.param)
+    """(architecture, its Megatron weights) for InternLM2 and each tiny family of ``tiny_models``, on
+    InternViT-300M and (``-6b``) on the InternViT-6B-style tower."""
+    family, _, tower = request.param.partition("-")
+    config = family_config(family, tower or "300m")
     return config, weights(build_model(config, torch.float32, "reference"))
 
 

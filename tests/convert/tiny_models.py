@@ -26,8 +26,18 @@ releases), ``llama3`` Llama-3's RoPE base, ``qwen2`` with q/k/v biases and tied 
 Qwen2.5), ``qwen3`` with q/k norms, tied embeddings and a head width of its own (hidden 64, heads 4, 32)."""
 
 
-def family_config(family: str = "llama") -> VLMConfig:
-    """``tiny()`` with the language model of ``family``."""
+INTERNVIT_6B = dict(normalization="RMSNorm", qkv_bias=False, qk_normalization=True)
+"""What the tiny InternViT-6B-style tower changes (the shapes stay ``tiny()``'s: 4 heads of 16)."""
+
+
+def family_config(family: str = "llama", tower: str = "300m") -> VLMConfig:
+    """``tiny()`` with the language model of ``family`` ("internlm2": unchanged) and the vision tower
+    ``tower`` ("300m" or "6b")."""
+    base = CONFIG if tower == "300m" else dataclasses.replace(
+        CONFIG, vision=dataclasses.replace(CONFIG.vision, **INTERNVIT_6B)
+    )
+    if family == "internlm2":
+        return base
     lm = CONFIG.language
     changes = {
         "llama": dict(family="llama"),
@@ -36,7 +46,7 @@ def family_config(family: str = "llama") -> VLMConfig:
         "qwen3": dict(family="qwen3", qk_layernorm=True, head_dim=32, tie_word_embeddings=True,
                       layernorm_epsilon=1e-6),
     }[family]  # fmt: skip
-    return dataclasses.replace(CONFIG, language=dataclasses.replace(lm, **changes))
+    return dataclasses.replace(base, language=dataclasses.replace(lm, **changes))
 
 
 def text_config(family: str = "llama"):
@@ -77,8 +87,9 @@ def causal_lm(family: str = "llama", seed: int = 0):
     return randomize(AutoModelForCausalLM.from_config(text_config(family)), seed)
 
 
-def hf_native_model(seed: int = 0, family: str = "llama"):
-    """``InternVLForConditionalGeneration`` with the family's text model, every weight random."""
+def hf_native_model(seed: int = 0, family: str = "llama", tower: str = "300m"):
+    """``InternVLForConditionalGeneration`` with the family's text model and an InternViT-300M or -6B
+    style vision tower, every weight random."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
     vit = CONFIG.vision
@@ -91,7 +102,9 @@ def hf_native_model(seed: int = 0, family: str = "llama"):
             intermediate_size=vit.ffn_hidden_size,
             image_size=vit.image_size,
             patch_size=vit.patch_size,
-            attention_bias=True,
+            attention_bias=tower == "300m",
+            use_qk_norm=tower == "6b",
+            norm_type="layer_norm" if tower == "300m" else "rms_norm",
             layer_norm_eps=1e-6,
         ).to_dict(),
         text_config=text.to_dict(),
@@ -119,8 +132,9 @@ def internvl2_config(config: VLMConfig = CONFIG) -> dict:
             "patch_size": vit.patch_size,
             "layer_norm_eps": vit.layernorm_epsilon,
             "initializer_factor": vit.layer_scale_init,
-            "qkv_bias": True,
-            "qk_normalization": False,
+            "qkv_bias": vit.qkv_bias,
+            "qk_normalization": vit.qk_normalization,
+            "norm_type": {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}[vit.normalization],
         },
         "llm_config": {
             "architectures": ["InternLM2ForCausalLM"],
@@ -185,6 +199,12 @@ def internvl2_state_dict(config: VLMConfig = CONFIG, seed: int = 0) -> dict[str,
                 p + "mlp.fc2.bias": (h,),
             }
         )
+        if vit.normalization == "RMSNorm":  # InternViT-6B: InternRMSNorm has no bias
+            del shapes[p + "norm1.bias"], shapes[p + "norm2.bias"]
+        if not vit.qkv_bias:
+            del shapes[p + "attn.qkv.bias"]
+        if vit.qk_normalization:  # over all heads: width hidden_size
+            shapes.update({p + "attn.q_norm.weight": (h,), p + "attn.k_norm.weight": (h,)})
     h, f = lm.hidden_size, lm.ffn_hidden_size
     for i in range(lm.num_layers):
         p = f"language_model.model.layers.{i}."
@@ -228,15 +248,17 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM", "qwe
 
 
 def original_release(
-    family: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+    family: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, tower: str = "300m"
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config.json) of a remote-code release whose LLM is ``family``'s: InternViT and ``mlp1``
-    as in ``internvl2_state_dict``, the language model the family's own ``*ForCausalLM`` under
-    ``language_model.`` (without ``lm_head`` when tied, as ``save_pretrained`` writes it)."""
-    config = family_config(family)
-    vision = {
-        n: t for n, t in internvl2_state_dict(config, seed).items() if not n.startswith("language_model.")
-    }
+    as in ``internvl2_state_dict``, the language model InternLM2's written by hand there, or the family's
+    own ``*ForCausalLM`` under ``language_model.`` (without ``lm_head`` when tied, as ``save_pretrained``
+    writes it)."""
+    config = family_config(family, tower)
+    everything = internvl2_state_dict(config, seed)
+    if family == "internlm2":
+        return {n: t.to(dtype) for n, t in everything.items()}, internvl2_config(config)
+    vision = {n: t for n, t in everything.items() if not n.startswith("language_model.")}
     lm = causal_lm(family, seed)
     language = {
         f"language_model.{n}": t.to(dtype).contiguous()
