@@ -128,6 +128,12 @@ def vision_transformer_config(config: VLMConfig, **overrides: Any) -> Transforme
     never split across pipeline stages (the tower is a few percent of the model and runs before the first
     language layer: the first stage holds it, and its layer budget can be lowered to compensate)."""
     vit = config.vision
+    tp = overrides.get("tensor_model_parallel_size", 1)
+    if vit.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor_model_parallel_size {tp} does not divide the vision tower's {vit.num_attention_heads} "
+            "heads (InternViT-6B: 25, so TP 1 or 5; padding its heads to 32 is not implemented)"
+        )
     params_dtype = overrides.pop("params_dtype", torch.float32)
     fields: dict[str, Any] = dict(
         num_layers=vit.num_layers,
@@ -184,6 +190,13 @@ def internvit_300m_v2_5() -> VisionConfig:
     return VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096)
 
 
+def internvit_6b() -> VisionConfig:
+    """InternViT-6B-448px-V1-5 / V2_5 as InternVL keeps it: 45 of its 48 layers, RMSNorm, no qkv bias,
+    q/k normalised over all 25 heads."""
+    return VisionConfig(num_layers=45, hidden_size=3200, num_attention_heads=25, ffn_hidden_size=12800,
+                        normalization="RMSNorm", qkv_bias=False, qk_normalization=True)  # fmt: skip
+
+
 def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> LanguageConfig:
     """Qwen2.5 as InternVL releases it: q/k/v biases, InternVL's 151,674-token vocabulary, RoPE base 1e6,
     a separate output layer (their config.json leaves tie_word_embeddings false and ships lm_head)."""
@@ -193,8 +206,8 @@ def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> 
     )  # fmt: skip
 
 
-def qwen_release(name: str, language: LanguageConfig) -> VLMConfig:
-    return VLMConfig(internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, name=name)
+def qwen_release(name: str, language: LanguageConfig, vision: VisionConfig | None = None) -> VLMConfig:
+    return VLMConfig(vision or internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, name=name)
 
 
 def internvl2_5_1b() -> VLMConfig:
@@ -210,6 +223,23 @@ def internvl3_2b() -> VLMConfig:
 def internvl3_8b() -> VLMConfig:
     """InternViT-300M-448px-V2_5 + Qwen2.5-7B."""
     return qwen_release("internvl3_8b", qwen2_5(28, 3584, 28, 4, 18944))
+
+
+def internvl3_78b() -> VLMConfig:
+    """InternViT-6B-448px-V2_5 + Qwen2.5-72B."""
+    return qwen_release("internvl3_78b", qwen2_5(80, 8192, 64, 8, 29568), internvit_6b())
+
+
+def internvl2_5_26b() -> VLMConfig:
+    """InternViT-6B-448px-V2_5 + InternLM2.5-20B-chat (InternLM2's tokenizer, as InternVL2-2B). The shapes;
+    RoPE settings are InternLM2's defaults here: ``from_hf_config`` reads a release's own."""
+    return VLMConfig(
+        vision=internvit_6b(),
+        language=LanguageConfig(num_layers=48, hidden_size=6144, num_attention_heads=48, num_query_groups=8,
+                                ffn_hidden_size=16384, vocab_size=92553),
+        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        name="internvl2_5_26b",
+    )  # fmt: skip
 
 
 def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
@@ -272,6 +302,8 @@ PRESETS = {
     "internvl2_5_1b": internvl2_5_1b,
     "internvl3_2b": internvl3_2b,
     "internvl3_8b": internvl3_8b,
+    "internvl2_5_26b": internvl2_5_26b,
+    "internvl3_78b": internvl3_78b,
 }
 
 
