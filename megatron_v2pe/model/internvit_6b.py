@@ -65,7 +65,8 @@ class CrossHeadQKNormAttention(SelfAttention):
         self.k_norm = CrossHeadRMSNorm(config)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
-        query, key, *rest = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        query, key, *rest = qkv
         return (self.q_norm(query), self.k_norm(key), *rest)
 
 
@@ -91,7 +92,8 @@ def internvit_6b_spec(spec: ModuleSpec, *, qkv_bias: bool, qk_normalization: boo
         attention = dataclasses.replace(
             attention, submodules=dataclasses.replace(attention.submodules, linear_qkv=linear_qkv)
         )
-        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+        submodules = dataclasses.replace(spec.submodules, self_attention=attention)
+        spec = dataclasses.replace(spec, submodules=submodules)
     if qk_normalization:
         spec = replace_attention(spec, attention_module=CrossHeadQKNormAttention)
     return spec

@@ -95,7 +95,8 @@ def test_hf_native_round_trip_is_bit_identical(tmp_path, family, tower):
     _assert_identical(load_file(exported / "model.safetensors"), load_file(source / "model.safetensors"))
     reloaded, info = InternVLForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
-    expected = {"llama": "LlamaModel", "llama3": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}[family]
+    classes = {"llama": "LlamaModel", "llama3": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+    expected = classes[family]
     assert type(reloaded.model.language_model).__name__ == expected
 
 

@@ -60,7 +60,9 @@ def mlp1_count(vit_hidden: int, llm_hidden: int) -> int:
     return 2 * width + width * llm_hidden + llm_hidden + llm_hidden * llm_hidden + llm_hidden
 
 
-def decoder_count(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int, bias: bool) -> int:
+def decoder_count(
+    layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int, bias: bool
+) -> int:
     head_dim = hidden // heads
     qkv_rows = hidden + 2 * kv_heads * head_dim
     per_layer = (
@@ -74,20 +76,21 @@ def decoder_count(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int,
 
 QWEN, INTERNLM2 = 151674, 92553  # vocabularies
 
-# name: (preset, vision count, ViT width, LLM (layers, hidden, heads, kv heads, ffn, vocab, qkv bias),
+# name: (preset, (vision count, ViT width), LLM (layers, hidden, heads, kv heads, ffn, vocab, qkv bias),
 # size in billions as the model card states it)
+V300M, V6B = (internvit_300m_count, 1024), (internvit_6b_count, 3200)
 RELEASES = {
-    "InternVL2_5-1B": (internvl2_5_1b, internvit_300m_count, 1024, (24, 896, 14, 2, 4864, QWEN, True), 0.94),
-    "InternVL3-2B": (internvl3_2b, internvit_300m_count, 1024, (28, 1536, 12, 2, 8960, QWEN, True), 2.09),
-    "InternVL3-8B": (internvl3_8b, internvit_300m_count, 1024, (28, 3584, 28, 4, 18944, QWEN, True), 7.94),
-    "InternVL2_5-26B": (internvl2_5_26b, internvit_6b_count, 3200, (48, 6144, 48, 8, 16384, INTERNLM2, False), 25.5),
-    "InternVL3-78B": (internvl3_78b, internvit_6b_count, 3200, (80, 8192, 64, 8, 29568, QWEN, True), 78.4),
-}  # fmt: skip
+    "InternVL2_5-1B": (internvl2_5_1b, V300M, (24, 896, 14, 2, 4864, QWEN, True), 0.94),
+    "InternVL3-2B": (internvl3_2b, V300M, (28, 1536, 12, 2, 8960, QWEN, True), 2.09),
+    "InternVL3-8B": (internvl3_8b, V300M, (28, 3584, 28, 4, 18944, QWEN, True), 7.94),
+    "InternVL2_5-26B": (internvl2_5_26b, V6B, (48, 6144, 48, 8, 16384, INTERNLM2, False), 25.5),
+    "InternVL3-78B": (internvl3_78b, V6B, (80, 8192, 64, 8, 29568, QWEN, True), 78.4),
+}
 
 
 @pytest.mark.parametrize("release", sorted(RELEASES))
 def test_release_preset_has_the_published_parameter_count(release):
-    build, vision_count, vit_width, llm, billions = RELEASES[release]
+    build, (vision_count, vit_width), llm, billions = RELEASES[release]
     config = build()
     with torch.device("meta"):
         model = InternVLModel(config, language_transformer_config(config), attention_backend="reference")
@@ -111,7 +114,8 @@ def test_a_released_config_json_reads_as_the_preset():
             "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_hidden_layers": 24,
             "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "max_position_embeddings": 32768,
             "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
-            "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False, "vocab_size": 151674,
+            "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False,
+            "vocab_size": 151674,
         },
         "vision_config": {
             "architectures": ["InternVisionModel"], "drop_path_rate": 0.1, "hidden_act": "gelu",
