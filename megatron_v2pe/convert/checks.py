@@ -10,8 +10,9 @@ import torch
 from megatron_v2pe.errors import UsageError
 from megatron_v2pe.model.presets import VLMConfig
 
-NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name"}
-"""Config fields that change neither the weights nor the forward pass."""
+NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name", "family"}
+"""Config fields that change neither the weights nor the forward pass (``family`` names the tensors of
+one layout: InternLM2 read from the transformers layout is Llama, the same computation)."""
 
 
 class ConversionError(UsageError):
