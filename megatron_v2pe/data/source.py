@@ -96,6 +96,12 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def source_fingerprint(urls: Sequence[str], consumer: Consumer, seed: int) -> str:
+    """What a saved read position belongs to: the shard list, the consumer and the seed."""
+    text = "\n".join([*urls, f"{consumer}", f"{seed}"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class ShardSource:
     """One dataset, as one consumer reads it: an iterator of RawSample over epochs (forever when
     num_epochs is None). Call load_state_dict before iterating to resume."""
@@ -206,8 +212,7 @@ class ShardSource:
         return RawSample(f"{url}:{group.key}", group.members, ref)
 
     def _fingerprint(self) -> str:
-        text = "\n".join([*self.urls, f"{self.consumer}", f"{self.seed}"])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return source_fingerprint(self.urls, self.consumer, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {
