@@ -26,7 +26,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from megatron_v2pe.data.shards import ShardUnreadable, iter_groups, read_group, read_manifest
-from megatron_v2pe.data.skips import DataEvent, SkipStats
+from megatron_v2pe.data.skips import DataEvent, SkipReason, SkipStats
 
 UNITS_STREAM, SHUFFLE_STREAM, BLEND_STREAM, DELTA_STREAM = range(4)
 """Tags that keep the random streams of one seed apart."""
@@ -183,6 +183,9 @@ class ShardSource:
             for group in iter_groups(url, self._offset, stats):
                 index, self._group_index, self._offset = self._group_index, self._group_index + 1, group.end
                 if index % self._slices != slice_index:
+                    continue
+                if group.duplicate_key:
+                    self.stats.skip(SkipReason.DUPLICATE_KEY, f"{url}:{group.key}", "another sample has this key")
                     continue
                 self._read_this_epoch += 1
                 ref = SampleRef(self.dataset, shard, group.offset, self.epoch, group.damaged)

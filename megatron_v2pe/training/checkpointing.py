@@ -51,6 +51,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.model.presets import VLMConfig
@@ -162,9 +163,10 @@ def find_checkpoint(root: str | Path, quiet: bool = False) -> ResumePoint | None
     if not complete:
         if marked is None and not dirs:
             return None
+        found = [p for i, p in sorted(problems.items()) if i != marked]
         raise CheckpointError(
             f"no complete checkpoint to resume from in {root}: "
-            + (marker_problem if marked is not None else "; ".join(p for p in problems.values() if p))
+            + "; ".join([marker_problem] * (marked is not None) + found)
             + "; restore what is missing, or move the directory away to start from scratch"
         )
     point = ResumePoint(complete[-1], dirs[complete[-1]])
@@ -504,7 +506,7 @@ class Checkpointer:
         }
         try:
             loaded = dist_checkpointing.load(state, str(point.path))
-        except Exception as err:  # torch's and Megatron's readers raise many kinds, all of them unusable
+        except (Exception, CheckpointException) as err:  # torch's and Megatron's readers raise many kinds
             raise CheckpointError(f"cannot read checkpoint {point.path}: {_first_line(err)}") from err
         if loaded["iteration"] != point.iteration:
             raise CheckpointError(f"{point.path} holds iteration {loaded['iteration']}, its name says {point.iteration}")
@@ -572,22 +574,31 @@ def _align_param_groups(saved: list[dict], current: list[dict], use_current: boo
             target.update({k: source[k] for k in _SCHEDULE_KEYS if k in source})
 
 
-def _is_no_space(err: BaseException) -> bool:
-    seen = 0
-    while err is not None and seen < 20:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left on device" in str(err):
+_NEARLY_FULL = 16 << 20  # bytes free after a failed write: the write filled the device
+
+
+def _is_no_space(err: BaseException, path: Path) -> bool:
+    """Whether a failed save ran out of space. Megatron's writer reports an OSError of its worker
+    threads as a bare 'Worker failure ... <class RuntimeError>', so a device left (nearly) full by the
+    failed write counts too."""
+    cause: BaseException | None = err
+    for _ in range(20):
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+        cause = cause.__cause__ or cause.__context__
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free < _NEARLY_FULL
 
 
 @contextmanager
 def _explained_save_errors(path: Path) -> Iterator[None]:
-    """A full disk, named as such (Megatron's async writer reports it as a bare 'Worker failure')."""
+    """A full disk, named as such."""
     try:
         yield
-    except Exception as err:
-        if not _is_no_space(err):
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        if not _is_no_space(err, path):
             raise
         raise CheckpointSaveError(
             f"no space left on the device of {path} while saving a checkpoint: free space there or set "

@@ -386,6 +386,7 @@ def _run(
                 )
                 break
     finally:
+        packs.close()  # data-loader workers ignore SIGTERM: let them go before the interpreter exits
         signals.restore()
         checkpointer.finalize(blocking=True)
         progress.close()
