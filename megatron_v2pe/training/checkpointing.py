@@ -457,7 +457,9 @@ class Checkpointer:
                 "iteration": iteration,
                 **common,
             }
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_queue is not None)
+            request = dist_checkpointing.save(
+                state, str(tmp), async_sharded_save=self.async_queue is not None, async_strategy="mcore"
+            )  # Megatron-Core's own writer (the default, "nvrx", needs nvidia-resiliency-ext)
             self._save_train_state(tmp / "train_state", data_state)
         commit = _committer(self.save_dir, tmp, final, iteration, self.keep_last)
         if self.async_queue is None:
