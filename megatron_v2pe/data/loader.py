@@ -299,7 +299,9 @@ class PackedBatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state; DataStateMismatch if it belongs to other data or another layout."""
         if state.get("version") != STATE_VERSION:
-            raise DataStateMismatch(f"data-loader state version {state.get('version')}, expected {STATE_VERSION}")
+            raise DataStateMismatch(
+                f"data-loader state version {state.get('version')}, expected {STATE_VERSION}"
+            )
         rank, world_size, workers = state["layout"]
         if (rank, world_size) != (self.rank, self.world_size):
             raise DataStateMismatch(
@@ -309,7 +311,8 @@ class PackedBatchLoader:
         if workers != self._workers:
             raise DataStateMismatch(
                 f"the data-loader state was saved with data.num_workers={workers}, this run has "
-                f"{self.config.num_workers}; set data.num_workers={workers} to continue the data stream exactly"
+                f"{self.config.num_workers}; set data.num_workers={workers} to continue the data stream "
+                "exactly"
             )
         streams = {int(role): s for role, s in state["streams"].items()}
         for role, stream in streams.items():
@@ -320,7 +323,8 @@ class PackedBatchLoader:
     def _check_sources(self, role: int, saved: list[dict[str, Any]]) -> None:
         if len(saved) != len(self.config.datasets):
             raise DataStateMismatch(
-                f"the data-loader state has {len(saved)} datasets, data.datasets lists {len(self.config.datasets)}"
+                f"the data-loader state has {len(saved)} datasets, data.datasets lists "
+                f"{len(self.config.datasets)}"
             )
         consumer = Consumer(self.rank * self._workers + role, self.world_size * self._workers)
         for d, (spec, source) in enumerate(zip(self.config.datasets, saved, strict=True)):

@@ -185,7 +185,8 @@ class ShardSource:
                 if index % self._slices != slice_index:
                     continue
                 if group.duplicate_key:
-                    self.stats.skip(SkipReason.DUPLICATE_KEY, f"{url}:{group.key}", "another sample has this key")
+                    key = f"{url}:{group.key}"
+                    self.stats.skip(SkipReason.DUPLICATE_KEY, key, "another sample next to it has this key")
                     continue
                 self._read_this_epoch += 1
                 ref = SampleRef(self.dataset, shard, group.offset, self.epoch, group.damaged)

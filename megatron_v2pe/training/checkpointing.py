@@ -152,8 +152,12 @@ def find_checkpoint(root: str | Path, quiet: bool = False) -> ResumePoint | None
     if marked is not None and marked in complete:
         newer = [dirs[i].name for i in complete if i > marked]
         if newer and not quiet:
-            _say(logging.WARNING, "%s names iteration %d; the newer complete checkpoint(s) %s are not resumed "
-                 "from (delete the marker to resume from the newest)", root / LATEST, marked, ", ".join(newer))
+            _say(
+                logging.WARNING,
+                "%s names iteration %d; the newer complete checkpoint(s) %s are not resumed from (delete "
+                "the marker to resume from the newest)",
+                root / LATEST, marked, ", ".join(newer),
+            )
         return ResumePoint(marked, dirs[marked])
     if marked is not None:
         marker_problem = (
@@ -171,7 +175,9 @@ def find_checkpoint(root: str | Path, quiet: bool = False) -> ResumePoint | None
         )
     point = ResumePoint(complete[-1], dirs[complete[-1]])
     if not quiet:
-        _say(logging.WARNING, "%s: resuming from %s, the newest complete checkpoint", marker_problem, point.path)
+        _say(
+            logging.WARNING, "%s: resuming from %s, the newest complete checkpoint", marker_problem, point.path
+        )
     return point
 
 
@@ -257,7 +263,9 @@ class SaveDirLock:
                 + f", since {holder.get('since')}); stop it or choose another checkpoint.save "
                 f"(if that run is gone, delete {self.path})"
             )
-        logger.warning("taking over the stale lock %s of pid %d on %s (no longer running)", self.path, pid, host)
+        logger.warning(
+            "taking over the stale lock %s of pid %d on %s (no longer running)", self.path, pid, host
+        )
         self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
@@ -287,7 +295,8 @@ def tidy_save_dir(root: Path, resume_from: int | None) -> None:
     for iteration, path in sorted(_iteration_dirs(root).items()):
         if iteration > (resume_from or 0):
             problem = checkpoint_problem(path)
-            _set_aside(path, f"incomplete: {problem}" if problem else "newer than the checkpoint resumed from")
+            why = f"incomplete: {problem}" if problem else "newer than the checkpoint resumed from"
+            _set_aside(path, why)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,8 +505,8 @@ class Checkpointer:
         if saved["data_parallel_size"] != ps.get_data_parallel_world_size():
             _say(logging.WARNING, "data-parallel size changed: the data stream restarts from the beginning")
             return None
-        dp_file = _data_file(point.path / "train_state", ps.get_data_parallel_rank(), saved["data_parallel_size"])
-        return torch.load(dp_file, weights_only=False)
+        state_dir, dp_size = point.path / "train_state", saved["data_parallel_size"]
+        return torch.load(_data_file(state_dir, ps.get_data_parallel_rank(), dp_size), weights_only=False)
 
     def load(self, point: ResumePoint, model_chunks: list, optimizer, scheduler, seed: int) -> None:
         """Model, optimizer, LR schedule and RNG states of ``point``."""
@@ -511,13 +520,14 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # torch's and Megatron's readers raise many kinds
             raise CheckpointError(f"cannot read checkpoint {point.path}: {_first_line(err)}") from err
         if loaded["iteration"] != point.iteration:
-            raise CheckpointError(f"{point.path} holds iteration {loaded['iteration']}, its name says {point.iteration}")
+            raise CheckpointError(
+                f"{point.path} holds iteration {loaded['iteration']}, its name says {point.iteration}"
+            )
         for i, chunk in enumerate(model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
         _announce_schedule(scheduler, loaded["opt_param_scheduler"])
-        _align_param_groups(
-            _saved_param_groups(loaded["optimizer"]), optimizer.param_groups, scheduler.override_opt_param_scheduler
-        )
+        saved_groups = _saved_param_groups(loaded["optimizer"])
+        _align_param_groups(saved_groups, optimizer.param_groups, scheduler.override_opt_param_scheduler)
         with torch.no_grad():  # the optimizer copies into shards of (fp32) parameters in place
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
@@ -530,7 +540,10 @@ class Checkpointer:
         if saved == current:
             set_rng_states(torch.load(_rng_file(state_dir, dist.get_rank()), weights_only=False))
         else:
-            _say(logging.WARNING, "checkpoint layout %s differs from this run's %s: RNG states reseeded", saved, current)
+            _say(
+                logging.WARNING, "checkpoint layout %s differs from this run's %s: RNG states reseeded",
+                saved, current,
+            )
             reseed(seed + iteration)
 
 

@@ -77,7 +77,9 @@ _DATA_PROBLEMS = [*SkipReason, *DataEvent]
 def global_data_problems(stats: SkipStats) -> dict[str, int]:
     """Samples skipped and data events so far, by reason, summed over the data-parallel ranks."""
     counts = {**stats.skipped, **stats.events}
-    local = torch.tensor([counts.get(k, 0) for k in _DATA_PROBLEMS], dtype=torch.int64, device=current_device())
+    local = torch.tensor(
+        [counts.get(k, 0) for k in _DATA_PROBLEMS], dtype=torch.int64, device=current_device()
+    )
     dist.all_reduce(local, group=ps.get_data_parallel_group())
     return {str(k): n for k, n in zip(_DATA_PROBLEMS, local.tolist(), strict=True)}
 
