@@ -41,6 +41,7 @@ from megatron_v2pe.data.loader import (
 )
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
 from megatron_v2pe.model.presets import (
     VLMConfig,
     from_hf_config,
@@ -61,7 +62,14 @@ from megatron_v2pe.training.checkpointing import (
     ResumePoint,
     load_model_weights,
 )
-from megatron_v2pe.training.config import ConfigError, TrainConfig, load_config, validate
+from megatron_v2pe.training.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    validate,
+    validate_architecture,
+    validate_samples,
+)
 from megatron_v2pe.training.progress import (
     Progress,
     StepRecord,
@@ -101,12 +109,6 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
     if m.rotary_base is not None:
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, rotary_base=m.rotary_base))
     check_tokenizer_matches(tokenizer, vlm)
-    tp = config.parallel.tensor_model_parallel_size
-    if vlm.language.vocab_size % tp:
-        raise ValueError(
-            f"the vocabulary ({vlm.language.vocab_size}) does not split over tensor_model_parallel_size "
-            f"{tp}; set model.vocab_size to a multiple of {tp} (padding ids are never produced)"
-        )
     return vlm
 
 
@@ -275,14 +277,26 @@ class ExitSignals:
 # The run
 
 
-def train(config: TrainConfig) -> RunResult:
-    """Validate, set up, resume if a checkpoint exists, and train to ``training.train_iters``."""
+def preflight(config: TrainConfig) -> tuple[VLMConfig, Tokenizer]:
+    """(architecture, tokenizer), after every check that needs no process group, model or data
+    loader: the configuration, the tokenizer, the model against the layout, the first samples."""
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except UsageError as err:
+        raise ConfigError(f"data.tokenizer: {err}") from err
     try:
         vlm = model_config(config, tokenizer)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    validate_architecture(config, vlm)
+    validate_samples(config, data_config(config), vlm, tokenizer)
+    return vlm, tokenizer
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Validate, set up, resume if a checkpoint exists, and train to ``training.train_iters``."""
+    vlm, tokenizer = preflight(config)
     p, t = config.parallel, config.training
     initialize(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -309,7 +323,7 @@ def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResu
         )
         if point is not None:
             _restore_data_stream(config, loader, checkpointer.data_state(point))
-        return _run(config, vlm, tokenizer, checkpointer, point, loader)
+        return _train_loop(config, vlm, tokenizer, checkpointer, point, loader)
     finally:
         checkpointer.close()
 
@@ -328,7 +342,7 @@ def _restore_data_stream(config: TrainConfig, loader: PackedBatchLoader, state: 
         logger.warning("%s: the data stream starts afresh (checkpoint.restart_data_stream)", err)
 
 
-def _run(
+def _train_loop(
     config: TrainConfig,
     vlm: VLMConfig,
     tokenizer: Tokenizer,
@@ -439,13 +453,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path, overrides = parse_args(argv)
     try:
-        result = train(load_config(path, overrides))
-    except ConfigError as err:
-        print(f"v2pe-train: configuration error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointSaveError as err:
-        print(f"v2pe-train: {err}", file=sys.stderr)
+        return run_command("v2pe-train", lambda: _run(load_config(path, overrides)))
+    except CheckpointSaveError as err:  # a fault, but one with a known cause: one line, not a traceback
+        if is_lead_rank():
+            print(f"v2pe-train: {err}", file=sys.stderr, flush=True)
         return 1
+
+
+def _run(config: TrainConfig) -> int:
+    result = train(config)
     if dist.is_initialized():
         dist.destroy_process_group()
     logger.info(
