@@ -482,7 +482,7 @@ class Checkpointer:
     def finalize(self, blocking: bool = False) -> None:
         """Commit the async saves that have finished (collective; call once per step and at the end)."""
         if self.async_queue is not None:
-            with _explained_save_errors(self.save_dir):
+            with _explained_save_errors(self.save_dir or Path.cwd()):
                 self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def _save_train_state(self, state_dir: Path, data_state: dict[str, Any]) -> None:
