@@ -34,9 +34,11 @@ from megatron_v2pe.data.source import (
     ShardSource,
     expand_urls,
     seeded_rng,
+    source_fingerprint,
 )
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.model.presets import VLMConfig
+from megatron_v2pe.parallel.runtime import ignore_exit_signals
 
 logger = logging.getLogger("megatron_v2pe.data")
 
@@ -232,6 +234,14 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _worker_init(_worker_id: int) -> None:
+    ignore_exit_signals()  # after torch's own handlers: a worker's SIGTERM is not the trainer's
+
+
+class DataStateMismatch(ValueError):
+    """A saved data-loader state that does not belong to this loader's data or layout."""
+
+
 class PackedBatchLoader:
     """The PackedBatch iterable of one data-parallel rank. Iterating again continues where the batches
     consumed so far stopped; state_dict/load_state_dict carry that across a restart."""
@@ -263,6 +273,7 @@ class PackedBatchLoader:
                 num_workers=self.config.num_workers,
                 collate_fn=_as_is,
                 prefetch_factor=self.config.prefetch_factor,
+                worker_init_fn=_worker_init,
             )
         for role, batch, state in items:
             self._states[role] = state
@@ -286,13 +297,41 @@ class PackedBatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state; DataStateMismatch if it belongs to other data or another layout."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data-loader state version {state.get('version')}, expected {STATE_VERSION}")
-        layout = [self.rank, self.world_size, self._workers]
-        if list(state["layout"]) != layout:
-            raise ValueError(
-                f"the data-loader state was saved as (rank, world size, workers) = {tuple(state['layout'])}, "
-                f"this loader is {tuple(layout)}; resume with the same data-parallel size and num_workers"
+            raise DataStateMismatch(
+                f"data-loader state version {state.get('version')}, expected {STATE_VERSION}"
             )
+        rank, world_size, workers = state["layout"]
+        if (rank, world_size) != (self.rank, self.world_size):
+            raise DataStateMismatch(
+                f"the data-loader state is of data-parallel rank {rank} of {world_size}, this loader is "
+                f"rank {self.rank} of {self.world_size}"
+            )
+        if workers != self._workers:
+            raise DataStateMismatch(
+                f"the data-loader state was saved with data.num_workers={workers}, this run has "
+                f"{self.config.num_workers}; set data.num_workers={workers} to continue the data stream "
+                "exactly"
+            )
+        streams = {int(role): s for role, s in state["streams"].items()}
+        for role, stream in streams.items():
+            self._check_sources(role, stream["source"]["sources"])
         self._consumed = state["consumed"]
-        self._states = {int(role): s for role, s in state["streams"].items()}
+        self._states = streams
+
+    def _check_sources(self, role: int, saved: list[dict[str, Any]]) -> None:
+        if len(saved) != len(self.config.datasets):
+            raise DataStateMismatch(
+                f"the data-loader state has {len(saved)} datasets, data.datasets lists "
+                f"{len(self.config.datasets)}"
+            )
+        consumer = Consumer(self.rank * self._workers + role, self.world_size * self._workers)
+        for d, (spec, source) in enumerate(zip(self.config.datasets, saved, strict=True)):
+            urls = expand_urls(spec.shards)
+            if source["fingerprint"] != source_fingerprint(urls, consumer, self.config.seed):
+                raise DataStateMismatch(
+                    f"the data-loader state of dataset {d} ({spec.shards}, now {len(urls)} shards) was saved "
+                    "for another shard list or seed: a shard was added, removed or renamed, or "
+                    "training.seed changed"
+                )

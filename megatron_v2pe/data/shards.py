@@ -12,7 +12,8 @@ n = 0, 1, … are used. ``metadata`` is optional and free-form. Keys contain no 
 first '.' of a member name is its extension, as in webdataset). Shards may be gzip/bz2/xz-compressed;
 plain tar resumes by seeking, compressed shards and ``pipe:`` streams by reading up to the position.
 
-Reading never fails on bad data inside a shard: unreadable tar blocks are skipped up to the next valid
+Two samples under one key next to each other (a member repeats) are both marked ``duplicate_key``: their
+members cannot be told apart, so neither is used. Reading never fails on bad data inside a shard: unreadable tar blocks are skipped up to the next valid
 member header, and the samples next to them are marked ``damaged`` so that, if they turn out
 incomplete, they are counted as corrupt rather than as some other problem.
 """
@@ -181,6 +182,7 @@ class TarGroup:
     offset: int = 0  # byte offset of its first member header (in the uncompressed stream)
     end: int = 0  # byte offset just after its last member: where reading resumes
     damaged: bool = False  # unreadable tar data next to it: it may be incomplete
+    duplicate_key: bool = False  # next to another sample with the same key: neither can be told apart
 
 
 def _watching_tarinfo(bad_headers: list[int]) -> type[tarfile.TarInfo]:
@@ -283,10 +285,12 @@ def iter_groups(url: str, start: int = 0, stats: SkipStats | None = None) -> Ite
             if not info.isfile() or base + info.offset < start:
                 continue
             key, extension = split_member_name(info.name)
-            if group is None or key != group.key:
+            repeated = group is not None and key == group.key and extension in group.members
+            if group is None or key != group.key or repeated:
                 if group is not None:
+                    group.duplicate_key |= repeated
                     yield group
-                group = TarGroup(key, offset=base + info.offset, damaged=damaged_next)
+                group = TarGroup(key, offset=base + info.offset, damaged=damaged_next, duplicate_key=repeated)
                 damaged_next = False
             try:
                 data = tar.extractfile(info).read()
@@ -294,8 +298,6 @@ def iter_groups(url: str, start: int = 0, stats: SkipStats | None = None) -> Ite
                 report(f"member {info.name} is cut short: {err}")
                 group.damaged = True
                 break
-            if extension in group.members:
-                group.damaged = True  # a repeated member: the shard is not what its writer meant
             group.members[extension] = data
             group.end = base + info.offset_data + -(-info.size // _BLOCK) * _BLOCK
         if group is not None:

@@ -25,6 +25,7 @@ class SkipReason(StrEnum):
     BAD_IMAGE = "bad_image"  # an image member that does not decode
     IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # <image> placeholders != images
     CORRUPT_MEMBER = "corrupt_member"  # incomplete because tar data next to it was unreadable
+    DUPLICATE_KEY = "duplicate_key"  # next to another sample with the same key (both are dropped)
     NO_TARGETS = "no_targets"  # nothing to learn: no assistant token is supervised
     TOO_LONG = "too_long"  # longer than a pack (dropped, or nothing supervised left after truncation)
     TOO_MANY_TILES = "too_many_tiles"  # more tiles than a pack holds (same)

@@ -26,7 +26,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from megatron_v2pe.data.shards import ShardUnreadable, iter_groups, read_group, read_manifest
-from megatron_v2pe.data.skips import DataEvent, SkipStats
+from megatron_v2pe.data.skips import DataEvent, SkipReason, SkipStats
 
 UNITS_STREAM, SHUFFLE_STREAM, BLEND_STREAM, DELTA_STREAM = range(4)
 """Tags that keep the random streams of one seed apart."""
@@ -94,6 +94,12 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             else:
                 urls.append(url)
     return urls
+
+
+def source_fingerprint(urls: Sequence[str], consumer: Consumer, seed: int) -> str:
+    """What a saved read position belongs to: the shard list, the consumer and the seed."""
+    text = "\n".join([*urls, f"{consumer}", f"{seed}"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class ShardSource:
@@ -178,6 +184,10 @@ class ShardSource:
                 index, self._group_index, self._offset = self._group_index, self._group_index + 1, group.end
                 if index % self._slices != slice_index:
                     continue
+                if group.duplicate_key:
+                    key = f"{url}:{group.key}"
+                    self.stats.skip(SkipReason.DUPLICATE_KEY, key, "another sample next to it has this key")
+                    continue
                 self._read_this_epoch += 1
                 ref = SampleRef(self.dataset, shard, group.offset, self.epoch, group.damaged)
                 yield RawSample(f"{url}:{group.key}", group.members, ref)
@@ -206,8 +216,7 @@ class ShardSource:
         return RawSample(f"{url}:{group.key}", group.members, ref)
 
     def _fingerprint(self) -> str:
-        text = "\n".join([*self.urls, f"{self.consumer}", f"{self.seed}"])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return source_fingerprint(self.urls, self.consumer, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {

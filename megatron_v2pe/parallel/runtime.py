@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,17 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What Slurm (preemption, time limit, scancel) and a terminal send to every process of a job step."""
+
+
+def ignore_exit_signals() -> None:
+    """For helper processes (data-loader workers, checkpoint writers): the training process decides
+    when to stop, and needs its helpers alive to finish the step and save."""
+    for signum in EXIT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def destroy_model_parallel() -> None:

@@ -126,6 +126,8 @@ class CheckpointSection:
     keep_last: int | None = None  # delete older checkpoints; None keeps all
     async_save: bool = False
     optimizer_sharding: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    override_opt_param_scheduler: bool = False  # on resume, the config's LR schedule, not the checkpoint's
+    restart_data_stream: bool = False  # on resume, a fresh data stream if the saved one no longer fits
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.data.skips import DataEvent, SkipReason, SkipStats
 from megatron_v2pe.model.flops import mfu, training_flops_per_pack
 from megatron_v2pe.model.presets import VLMConfig
 from megatron_v2pe.parallel.runtime import current_device
@@ -70,6 +71,30 @@ def global_batch_counts(config: VLMConfig, packs: Sequence[PackedBatch]) -> Batc
     return BatchCounts(int(tokens), flops, int(images), delta_sum, -neg_min, maximum)
 
 
+_DATA_PROBLEMS = [*SkipReason, *DataEvent]
+
+
+def global_data_problems(stats: SkipStats) -> dict[str, int]:
+    """Samples skipped and data events so far, by reason, summed over the data-parallel ranks."""
+    counts = {**stats.skipped, **stats.events}
+    local = torch.tensor(
+        [counts.get(k, 0) for k in _DATA_PROBLEMS], dtype=torch.int64, device=current_device()
+    )
+    dist.all_reduce(local, group=ps.get_data_parallel_group())
+    return {str(k): n for k, n in zip(_DATA_PROBLEMS, local.tolist(), strict=True)}
+
+
+def describe_data_problems(problems: dict[str, int]) -> str:
+    """One line: ``skipped samples 3 (duplicate_key 2, too_long 1), data events: truncated 4``."""
+    skipped = {k: n for k, n in problems.items() if k in set(SkipReason) and n}
+    events = {k: n for k, n in problems.items() if k in set(DataEvent) and n}
+
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+
+    return f"skipped samples {sum(skipped.values())} ({listed(skipped)}), data events: {listed(events)}"
+
+
 @dataclass
 class StepRecord:
     iteration: int
@@ -78,6 +103,7 @@ class StepRecord:
     grad_norm: float | None
     seconds: float
     counts: BatchCounts
+    data_problems: dict[str, int]  # run totals by reason (SkipReason, DataEvent)
 
 
 def peak_memory() -> tuple[float, str]:
@@ -96,6 +122,7 @@ class Progress:
         self.world_size = dist.get_world_size()
         self.active = dist.get_rank() == 0
         self.window: list[StepRecord] = []
+        self.last: StepRecord | None = None
         self.tensorboard = self.wandb = self.bar = self.metrics = None
         if not self.active:
             return
@@ -129,6 +156,7 @@ class Progress:
         if not self.active:
             return
         self.window.append(step)
+        self.last = step
         if self.metrics is not None:
             self.metrics.write(json.dumps({**asdict(step), "counts": asdict(step.counts)}) + "\n")
             self.metrics.flush()
@@ -169,9 +197,11 @@ class Progress:
         self.emit(
             f"iter {last.iteration:>6d}/{self.train_iters} | loss {loss:.4f} | lr {last.lr:.3e} | grad norm {grad} | "
             f"{values['tokens_per_second']:,.0f} tok/s | {values['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
-            f"MFU {100 * values['mfu']:.2f}% | {delta} | peak mem {memory:.2f} GiB ({where})"
+            f"MFU {100 * values['mfu']:.2f}% | {delta} | peak mem {memory:.2f} GiB ({where}) | "
+            f"{describe_data_problems(last.data_problems)}"
         )
         scalars = {k: v for k, v in values.items() if v is not None and abs(v) != float("inf")}
+        scalars.update({f"data/{k}": n for k, n in last.data_problems.items()})
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, last.iteration)
@@ -180,6 +210,10 @@ class Progress:
             self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=last.iteration)
 
     def close(self) -> None:
+        if self.window:
+            self._report()
+        if self.last is not None:
+            self.emit(f"data totals: {describe_data_problems(self.last.data_problems)}")
         for sink in (self.bar, self.tensorboard, self.metrics):
             if sink is not None:
                 sink.close()

@@ -32,10 +32,16 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.convert.checkpoint import write_model_config
 from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
+from megatron_v2pe.data.loader import (
+    DataConfig,
+    DatasetSpec,
+    DataStateMismatch,
+    PackedBatchLoader,
+    check_tokenizer_matches,
+)
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_v2pe.errors import UsageError, run_command
+from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
 from megatron_v2pe.model.presets import (
     VLMConfig,
     from_hf_config,
@@ -49,7 +55,13 @@ from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.parallel.fp8 import fp8_transformer_overrides
 from megatron_v2pe.parallel.runtime import current_device
-from megatron_v2pe.training.checkpointing import Checkpointer, load_model_weights
+from megatron_v2pe.training.checkpointing import (
+    CheckpointError,
+    Checkpointer,
+    CheckpointSaveError,
+    ResumePoint,
+    load_model_weights,
+)
 from megatron_v2pe.training.config import (
     ConfigError,
     TrainConfig,
@@ -58,7 +70,13 @@ from megatron_v2pe.training.config import (
     validate_architecture,
     validate_samples,
 )
-from megatron_v2pe.training.progress import Progress, StepRecord, StepTimer, global_batch_counts
+from megatron_v2pe.training.progress import (
+    Progress,
+    StepRecord,
+    StepTimer,
+    global_batch_counts,
+    global_data_problems,
+)
 from megatron_v2pe.training.step import forward_backward
 
 logger = logging.getLogger("megatron_v2pe.training")
@@ -178,6 +196,8 @@ def build_optimizer(config: TrainConfig, wrapped: list) -> tuple:
         end_wd=o.weight_decay,
         wd_incr_steps=iters,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not config.checkpoint.override_opt_param_scheduler,
+        override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
     )
     return optimizer, scheduler
 
@@ -292,35 +312,61 @@ def train(config: TrainConfig) -> RunResult:
 
 
 def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResult:
+    c = config.checkpoint
+    checkpointer = Checkpointer(
+        c.save, keep_last=c.keep_last, async_save=c.async_save, optimizer_sharding=c.optimizer_sharding
+    )
+    try:
+        point = checkpointer.find(c.load or c.save, vlm)
+        loader = PackedBatchLoader(
+            data_config(config), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        )
+        if point is not None:
+            _restore_data_stream(config, loader, checkpointer.data_state(point))
+        return _train_loop(config, vlm, tokenizer, checkpointer, point, loader)
+    finally:
+        checkpointer.close()
+
+
+def _restore_data_stream(config: TrainConfig, loader: PackedBatchLoader, state: dict | None) -> None:
+    if state is None:
+        return
+    try:
+        loader.load_state_dict(state)
+    except DataStateMismatch as err:
+        if not config.checkpoint.restart_data_stream:
+            raise CheckpointError(
+                f"cannot continue the data stream: {err}; or set checkpoint.restart_data_stream=true to "
+                "start it afresh (samples already seen are seen again)"
+            ) from err
+        logger.warning("%s: the data stream starts afresh (checkpoint.restart_data_stream)", err)
+
+
+def _train_loop(
+    config: TrainConfig,
+    vlm: VLMConfig,
+    tokenizer: Tokenizer,
+    checkpointer: Checkpointer,
+    point: ResumePoint | None,
+    loader: PackedBatchLoader,
+) -> RunResult:
     t, c = config.training, config.checkpoint
     chunks = build_model(config, vlm)
     wrapped = wrap_model(config, chunks)
     optimizer, scheduler = build_optimizer(config, wrapped)
-    checkpointer = Checkpointer(
-        c.save, keep_last=c.keep_last, async_save=c.async_save, optimizer_sharding=c.optimizer_sharding
-    )
-    resumed = (
-        checkpointer.load(c.load or c.save, chunks, optimizer, scheduler, t.seed)
-        if (c.load or c.save)
-        else None
-    )
-    if resumed is None and c.pretrained_checkpoint:
+    if point is not None:
+        checkpointer.load(point, chunks, optimizer, scheduler, t.seed)
+    elif c.pretrained_checkpoint:
         load_model_weights(c.pretrained_checkpoint, chunks, optimizer)
-    iteration = resumed.iteration if resumed else 0
+    iteration = point.iteration if point else 0
     if c.save and dist.get_rank() == 0:  # beside the checkpoints: evaluation and conversion read it
-        Path(c.save).mkdir(parents=True, exist_ok=True)
         write_model_config(vlm, Path(c.save))
 
-    loader = PackedBatchLoader(
-        data_config(config), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    )
-    if resumed is not None and resumed.data_state is not None:
-        loader.load_state_dict(resumed.data_state)
     packs = iter(loader)
     micro_batches = config.num_micro_batches(dist.get_world_size())
     progress = Progress(config.logging, t.train_iters, iteration, config.to_dict())
     signals = ExitSignals(t.exit_signal_handler)
-    last_saved = iteration if resumed else None
+    last_saved = iteration if point else None
     stopped = False
     try:
         while iteration < t.train_iters:
@@ -331,7 +377,10 @@ def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResu
                 scheduler.step(1)
             iteration += 1
             progress.record(
-                StepRecord(iteration, loss, optimizer.param_groups[0]["lr"], grad_norm, timer.seconds, counts)
+                StepRecord(
+                    iteration, loss, optimizer.param_groups[0]["lr"], grad_norm, timer.seconds, counts,
+                    global_data_problems(loader.stats()),
+                )
             )
             checkpointer.finalize()
             stopped = signals.received()
@@ -351,6 +400,7 @@ def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResu
                 )
                 break
     finally:
+        packs.close()  # data-loader workers ignore SIGTERM: let them go before the interpreter exits
         signals.restore()
         checkpointer.finalize(blocking=True)
         progress.close()
@@ -402,7 +452,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path, overrides = parse_args(argv)
-    return run_command("v2pe-train", lambda: _run(load_config(path, overrides)))
+    try:
+        return run_command("v2pe-train", lambda: _run(load_config(path, overrides)))
+    except CheckpointSaveError as err:  # a fault, but one with a known cause: one line, not a traceback
+        if is_lead_rank():
+            print(f"v2pe-train: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _run(config: TrainConfig) -> int:

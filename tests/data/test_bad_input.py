@@ -21,7 +21,7 @@ from tests.data.helpers import (
     write_tar,
 )
 
-GOOD = {0, 3, 6, 9, 10, 11, 12, 13, 14}
+GOOD = {0, 3, 6, 9, 10, 12, 13, 14}
 
 
 def _damaged_members(i):
@@ -51,7 +51,10 @@ def damaged_dataset(tmp_path):
     data = bytearray(first.read_bytes())
     data[offset + 100 : offset + 108] = b"garbage!"
     first.write_bytes(bytes(data))
-    second = write_tar(tmp_path / "part-1.tar", [m for i in range(10, 16) for m in item_members(i)])
+    # Item 14's members again under item 11's key, right after item 11: two samples, one key.
+    impostor = [(name.replace("item00014", "item00011"), data) for name, data in item_members(14)]
+    members = [m for i in range(10, 16) for m in item_members(i) + (impostor if i == 11 else [])]
+    second = write_tar(tmp_path / "part-1.tar", members)
     with tarfile.open(second) as tar:
         cut = tar.getmember("item00015.json").offset_data + 10  # item 15 cut inside its record
     second.write_bytes(second.read_bytes()[:cut])
@@ -96,6 +99,7 @@ def test_every_bad_input_is_skipped_and_counted(
         "missing_image": 1,
         "image_count_mismatch": 1,
         "missing_record": 1,
+        "duplicate_key": 2,
     }
     assert dict(stats.events) == {"corrupt_tar_data": 2, "unreadable_shard": 1}
     for key in (
@@ -108,6 +112,7 @@ def test_every_bad_input_is_skipped_and_counted(
             "item00005",
             "item00007",
             "item00008",
+            "item00011",
             "item00015",
             "part-2.tar",
         )

@@ -78,7 +78,7 @@ def test_resume_gives_the_batches_an_uninterrupted_run_would(
 def test_resume_refuses_another_layout(items_manifest, tokenizer_path, model):
     config = _config(items_manifest, tokenizer_path, num_workers=2)
     state = PackedBatchLoader(config, model).state_dict()
-    with pytest.raises(ValueError, match="same data-parallel size and num_workers"):
+    with pytest.raises(ValueError, match="saved with data.num_workers=2, this run has 3; set data.num_workers=2"):
         PackedBatchLoader(dataclasses.replace(config, num_workers=3), model).load_state_dict(state)
 
 

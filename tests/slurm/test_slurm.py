@@ -6,6 +6,8 @@ container switched off (``V2PE_USE_CONTAINER=0``) on one node, one task:
 - a job runs to the end (COMPLETED, exit 0:0), logs its steps and leaves a checkpoint;
 - a second job with more steps resumes from that checkpoint;
 - ``scancel --signal=USR1`` on a running job: the step finishes, a checkpoint is saved, exit 0;
+- ``scancel --signal=TERM`` (every process of the step gets it: the trainer, its data-loader worker and
+  its async checkpoint writer): the same;
 - ``scancel --batch --signal=USR1`` (what ``#SBATCH --signal=B:USR1@600`` sends before the time limit):
   the same, and the job is requeued.
 
@@ -159,6 +161,20 @@ def test_usr1_saves_and_exits_cleanly(slurm_env, data, tmp_path):
     assert stopped and stopped[1] == stopped[2], job.text()[-4000:]
     assert latest(checkpoints) == int(stopped[1]) == steps(job.text())[-1]
     assert "requeueing" not in job.text()
+
+
+def test_term_to_every_process_of_the_step_saves_and_exits_cleanly(slurm_env, data, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    job = Job(slurm_env, tmp_path, "v2pe-term", [*data, "data.num_workers=1", "checkpoint.async_save=true",
+                                                  "training.train_iters=100000", "checkpoint.save_interval=1",
+                                                  f"checkpoint.save={checkpoints}"])
+    job.wait_for("two training steps", lambda: len(steps(job.text())) >= 2)
+    job.send("--signal=TERM")  # no --batch: slurmstepd signals all processes of the step
+    assert_clean_exit(job.wait_finished(), job)
+    stopped = re.search(r"stopping after iteration (\d+) on signal 15; checkpoint (\d+) saved", job.text())
+    assert stopped and stopped[1] == stopped[2], job.text()[-4000:]
+    assert latest(checkpoints) == int(stopped[1]) == steps(job.text())[-1]
+    assert "Traceback" not in job.text() and not list(checkpoints.glob("*.tmp"))
 
 
 def test_time_limit_signal_saves_and_requeues(slurm_env, data, tmp_path):

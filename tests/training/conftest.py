@@ -44,11 +44,14 @@ def train_command(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "megatron_v2pe.training.train", "--config", str(TINY_CONFIG), *overrides]
 
 
-def start_training(overrides: list[str], log: Path) -> subprocess.Popen:
+def start_training(overrides: list[str], log: Path, own_process_group: bool = False) -> subprocess.Popen:
+    """The trainer in a subprocess; in a process group of its own (id = its pid) if asked, so that a
+    signal can reach all its processes, as Slurm sends it."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     with open(log, "w") as out:
         return subprocess.Popen(
-            train_command(overrides), cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            train_command(overrides), cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=own_process_group,
         )
 
 

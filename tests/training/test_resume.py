@@ -1,8 +1,10 @@
-"""Checkpoints on CPU: exact resume after SIGKILL, an interrupted save, SIGTERM / SIGUSR1."""
+"""Checkpoints on CPU: exact resume after SIGKILL and an interrupted save, SIGTERM / SIGUSR1 to the
+whole process group."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -11,7 +13,7 @@ import pytest
 
 from megatron_v2pe.convert.checkpoint import MODEL_CONFIG_FILE, config_from_dict
 from megatron_v2pe.data.tokenizer import load_tokenizer
-from megatron_v2pe.training.checkpointing import LATEST, latest_iteration
+from megatron_v2pe.training.checkpointing import latest_iteration
 from megatron_v2pe.training.config import load_config
 from megatron_v2pe.training.train import model_config
 from tests.training.conftest import TINY_CONFIG, finish, losses, start_training, tiny_overrides
@@ -75,32 +77,30 @@ def test_resume_after_sigkill_is_bit_identical(synth_data, tmp_path):
     assert written == model_config(train_config, load_tokenizer(train_config.data.tokenizer))
 
 
-def test_interrupted_save_keeps_previous_latest(tmp_path):
-    """Until a save commits, the marker names the previous checkpoint; stale directories are removed."""
-    from megatron_v2pe.training.checkpointing import _remove_incomplete
-
-    (tmp_path / "iter_0000002").mkdir()
-    (tmp_path / LATEST).write_text("2")
-    (tmp_path / "iter_0000004.tmp").mkdir()  # killed while writing
-    (tmp_path / "iter_0000003").mkdir()  # killed between the rename and the marker
-    assert latest_iteration(tmp_path) == 2
-    _remove_incomplete(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, "iter_0000002"])
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_and_exits_zero(synth_data, tmp_path, signum):
+def test_preemption_signal_to_the_process_group_saves_and_exits_zero(synth_data, tmp_path, signum):
+    """Slurm signals every process of a step: the data-loader worker and the async checkpoint writer
+    get the signal too, and the trainer still finishes its step, saves and exits 0. While it runs, a
+    second run in its checkpoint directory is refused, naming it."""
     save, metrics, log = tmp_path / "ckpt", tmp_path / "metrics.jsonl", tmp_path / "run.log"
-    proc = start_training(
-        tiny_overrides(
-            synth_data,
-            **{"training.train_iters": 10_000, "checkpoint.save": save, "logging.metrics_file": metrics},
-        ),
-        log,
+    run = tiny_overrides(
+        synth_data,
+        **{"training.train_iters": 10_000, "checkpoint.save": save, "checkpoint.save_interval": 1,
+           "checkpoint.async_save": "true", "checkpoint.keep_last": 2, "logging.metrics_file": metrics},
     )
+    proc = start_training(run, log, own_process_group=True)
+    assert "data.num_workers=1" in run
     wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, proc, log)
-    proc.send_signal(signum)
+    if signum == signal.SIGTERM:
+        second = start_training(run, tmp_path / "second.log")
+        assert finish(second, tmp_path / "second.log") == 2
+        assert (f"checkpoint.save {save} is in use by another run (pid {proc.pid} on {os.uname().nodename}"
+                in (tmp_path / "second.log").read_text())
+    os.killpg(proc.pid, signum)
     assert finish(proc, log) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "Traceback" not in text and f"on signal {int(signum)}" in text, text[-4000:]
     last = max(losses(metrics))
     assert latest_iteration(save) == last
     assert (save / f"iter_{last:07d}" / "train_state" / "layout.json").is_file()
+    assert not list(save.glob("*.tmp")) and not (save / "train.lock").exists()
