@@ -12,6 +12,7 @@ from tests.parallel.launch import run_torchrun
 
 TWO_RANKS = ["tp2", "sp", "pp2", "pp2_vpp2", "cp2", "dp2_distopt"]
 FOUR_RANKS = ["cp4", "tp2_cp2", "pp2_cp2"]
+FUSED = ["tp2", "sp", "cp2"]  # where the chunked loss and the compiled norm see other shards
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,12 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return run_torchrun("vlm_layouts.py", 4, tmp_path_factory.mktemp("vlm4"), "--layouts", ",".join(FOUR_RANKS))
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    return run_torchrun("vlm_layouts.py", 2, tmp_path_factory.mktemp("vlm_fused"), "--layouts", ",".join(FUSED),
+                        "--fused")
 
 
 def _check(results, layout):
@@ -43,3 +50,13 @@ def test_two_rank_layout(two_ranks, layout):
 @pytest.mark.parametrize("layout", FOUR_RANKS)
 def test_four_rank_layout(four_ranks, layout):
     _check(four_ranks, layout)
+
+
+@pytest.mark.parametrize("layout", FUSED)
+def test_fused_paths_equal_the_plain_path_in_the_layout(fused, layout):
+    """Chunked loss, compiled RMSNorm and fused SwiGLU: the same loss and gradients as the plain path of
+    the same layout to 1e-6 (and the plain path gives the single-process ones)."""
+    _check(fused, layout)
+    got = fused["layouts"][layout]
+    assert got["fused_loss_error"] <= 1e-6
+    assert got["fused_grad_error"] <= 1e-6, got["fused_worst"]
