@@ -41,8 +41,13 @@ class ModelSection:
     freeze_projector: bool = False
     freeze_language: bool = False
     recompute_granularity: str | None = None  # None | full | selective (activation checkpointing)
-    recompute_method: str = "uniform"
+    recompute_method: str = "uniform"  # full: uniform | block (the first recompute_num_layers per stage)
     recompute_num_layers: int = 1
+    recompute_modules: list[str] | None = None  # selective: core_attn | mlp | layernorm (TE); None: core_attn
+    # Faster paths that compute the same (model/fusions.py); off until measured faster on the GPU.
+    loss_chunk_tokens: int | None = None  # cross entropy over chunks of this many tokens, no full logits
+    compiled_norm: bool = False  # torch.compile'd RMSNorm in the local (non-TE) layers
+    fused_swiglu: bool = False  # Megatron-Core's fused SwiGLU (TransformerConfig.bias_activation_fusion)
 
 
 @dataclass
@@ -282,6 +287,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.model.rotary_base is not None and not config.model.rotary_base > 1:
         raise ConfigError(f"model.rotary_base is {config.model.rotary_base}; it must be > 1 (InternLM2: 1e6)")
     _validate_parallel(config, world_size)
+    _validate_fusions(config)
     _validate_precision(config)
     _validate_data(config)
     _validate_schedule(config)
@@ -329,6 +335,28 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
             f"to be a multiple of pipeline_model_parallel_size {p.pipeline_model_parallel_size}; change "
             "training.global_batch_size"
         )
+
+
+_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+
+
+def _validate_fusions(config: TrainConfig) -> None:
+    m = config.model
+    modules = m.recompute_modules
+    if modules is not None:
+        if m.recompute_granularity != "selective":
+            raise ConfigError("model.recompute_modules applies to recompute_granularity: selective; set it "
+                              "or remove recompute_modules")
+        unknown = sorted(set(modules) - set(_RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(f"model.recompute_modules {unknown} unknown; choose from {_RECOMPUTE_MODULES}")
+        if "layernorm" in modules and m.attention_backend != "te":
+            raise ConfigError("model.recompute_modules 'layernorm' needs the Transformer Engine layers "
+                              "(Megatron-Core checkpoints norms through TE); set attention_backend: te or drop it")
+    if m.recompute_num_layers < 1:
+        raise ConfigError(f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
+    if m.loss_chunk_tokens is not None and m.loss_chunk_tokens < 1:
+        raise ConfigError(f"model.loss_chunk_tokens must be >= 1 or null, got {m.loss_chunk_tokens}")
 
 
 def _validate_precision(config: TrainConfig) -> None:

@@ -35,6 +35,7 @@ from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.model.fusions import Fusions
 from megatron_v2pe.model.presets import (
     VLMConfig,
     from_hf_config,
@@ -106,6 +107,8 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         shared.update(recompute_granularity=m.recompute_granularity)
         if m.recompute_granularity == "full":
             shared.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
+        elif m.recompute_modules is not None:
+            shared.update(recompute_modules=list(m.recompute_modules))
     shared.update(fp8_transformer_overrides(config.training.fp8))
     language = language_transformer_config(
         vlm,
@@ -121,9 +124,11 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         # TransformerConfig rejects variable lengths with the default MoE dispatcher even without
         # experts; the dispatcher is unused here.
         moe_token_dispatcher_type="alltoall",
+        bias_activation_fusion=m.fused_swiglu,
     )
     vision = vision_transformer_config(vlm, **shared)
-    chunks = model_chunks(vlm, language, vision, m.attention_backend)
+    fusions = Fusions(loss_chunk_tokens=m.loss_chunk_tokens, compiled_norm=m.compiled_norm)
+    chunks = model_chunks(vlm, language, vision, m.attention_backend, fusions)
     for chunk in chunks:
         chunk.freeze(vision=m.freeze_vision, projector=m.freeze_projector, language=m.freeze_language)
     return [chunk.to(current_device()) for chunk in chunks]
