@@ -50,11 +50,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk_tokens):
             e = min(s + chunk_tokens, hidden.shape[0])
             logits = (hidden[s:e] @ weight.t()).float()
-            peak = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
-            sum_exp = _all_reduce((logits - peak[:, None]).exp().sum(dim=-1), group)
-            lse[s:e] = peak + sum_exp.log()
             picked = logits.gather(1, targets[s:e, None]).squeeze(1)
             target_logit[s:e] = torch.where(inside[s:e], picked, 0.0)
+            peak = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
+            sum_exp = _all_reduce(logits.sub_(peak[:, None]).exp_().sum(dim=-1), group)  # in place: one chunk
+            lse[s:e] = peak + sum_exp.log()
+            del logits  # before the next chunk's GEMM allocates its own
         _all_reduce(target_logit, group)
         ctx.save_for_backward(hidden, weight, targets, inside, lse)
         ctx.chunk_tokens = chunk_tokens
@@ -67,12 +68,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, hidden.shape[0], ctx.chunk_tokens):
             e = min(s + ctx.chunk_tokens, hidden.shape[0])
-            softmax = ((hidden[s:e] @ weight.t()).float() - lse[s:e, None]).exp()
+            softmax = (hidden[s:e] @ weight.t()).float().sub_(lse[s:e, None]).exp_()
             rows = torch.arange(e - s, device=hidden.device)
             softmax[rows, targets[s:e]] -= inside[s:e].to(softmax.dtype)
-            grad_logits = (softmax * grad_loss[s:e, None]).to(weight.dtype)
+            grad_logits = softmax.mul_(grad_loss[s:e, None]).to(weight.dtype)
             grad_hidden[s:e] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ hidden[s:e]).float()
+            del softmax, grad_logits
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
