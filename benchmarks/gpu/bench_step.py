@@ -89,9 +89,13 @@ def recompute_fields(recompute: str) -> dict:
     raise SystemExit(f"--recompute {recompute!r}: use full, none, selective[:core_attn,mlp] or block:N")
 
 
+def fp8_recipe(args) -> str | None:
+    return None if args.fp8 == "none" else args.fp8
+
+
 def build(config, args, bf16: bool):
     dtype = torch.bfloat16 if bf16 else torch.float32
-    extra = {**recompute_fields(args.recompute), **fp8_transformer_overrides(args.fp8)}
+    extra = {**recompute_fields(args.recompute), **fp8_transformer_overrides(fp8_recipe(args))}
     language = language_transformer_config(config, params_dtype=dtype, calculate_per_token_loss=True,
                                            variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
                                            bias_activation_fusion=args.fused_swiglu, **extra)
@@ -111,7 +115,7 @@ def build(config, args, bf16: bool):
 def variant_name(args, bf16: bool) -> str:
     parts = [f"{'bf16' if bf16 else 'fp32, CPU'}", f"{args.spec if bf16 else 'reference'} spec",
              f"recompute {args.recompute}"]
-    parts += [f"fp8 {args.fp8}"] * bool(args.fp8)
+    parts += [f"fp8 {args.fp8}"] * bool(fp8_recipe(args))
     parts += [f"loss chunks of {args.loss_chunk}"] * bool(args.loss_chunk)
     parts += ["compiled RMSNorm"] * args.compiled_norm + ["fused SwiGLU"] * args.fused_swiglu
     return ", ".join(parts)
@@ -120,7 +124,7 @@ def variant_name(args, bf16: bool) -> str:
 def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="internvl2_2b")
     parser.add_argument("--spec", choices=["torch", "te"], default="torch", help="layer spec on the GPU")
-    parser.add_argument("--fp8", choices=FP8_RECIPES, default=None)
+    parser.add_argument("--fp8", choices=("none", *FP8_RECIPES), default="none")
     parser.add_argument("--recompute", default="full", help="full | none | selective[:modules] | block:N")
     parser.add_argument("--no-recompute", dest="recompute", action="store_const", const="none")
     parser.add_argument("--loss-chunk", type=int, default=None, help="chunked loss: tokens per chunk")
@@ -158,7 +162,12 @@ def measure(config, ddp, optimizer, tokens: int, repeats: int, bf16: bool, rng) 
     batch, positions_ms = synthetic_pack(config, tokens, rng)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    ms = step_ms(ddp, optimizer, batch, repeats)
+    try:
+        ms = step_ms(ddp, optimizer, batch, repeats)
+    except torch.OutOfMemoryError as err:  # a row that says so; the next pack size still runs
+        del batch
+        torch.cuda.empty_cache()
+        return [f"{tokens // 1024}K", f"out of memory: {str(err).splitlines()[0][:90]}", *["-"] * 9]
     seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     flops = training_flops_per_pack(config, seqlens, batch.pixel_values.shape[0]) / (ms / 1e3)
     device_positions = batch.positions.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ minus the summed kernel time (GPU only; an upper bound where kernels overlap on 
 
 Memory: weights, gradient buffers and optimizer state (allocated bytes around their creation on a GPU,
 tensor sizes on a CPU), the bytes each part saves for its backward pass (saved-tensor hooks, each
-storage counted once), and the peak.
+storage counted once; under recompute the recomputed layers' tensors count too, though they live one
+layer at a time; the logits and the loss are the output layer's), and the peak.
 
     python benchmarks/gpu/profile_step.py --tokens 32768                  # on the GPU, 2B shapes
     python benchmarks/gpu/profile_step.py --preset tiny --tokens 1024     # CPU dry run
@@ -190,13 +191,15 @@ def _allocated() -> int:
     return torch.cuda.memory_allocated() if CUDA else 0
 
 
-def memory_rows(ddp, optimizer, before_optimizer: int, after_step: int, saved: SavedBytes, peak: float) -> list:
+def memory_rows(ddp, before_optimizer: int, after_step: int, saved: SavedBytes, peak: float, layers: int) -> list:
     weights = sum(p.numel() * p.element_size() for p in ddp.module.parameters())
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers)
     rows = [["weights", weights / 2**30], ["gradient buffers (fp32)", grads / 2**30]]
     if CUDA:
         rows.append(["optimizer state (fp32 master + Adam moments)", (after_step - before_optimizer) / 2**30])
     rows += [[f"saved for backward: {part}", n / 2**30] for part, n in sorted(saved.bytes.items())]
+    per_layer = saved.bytes["language layers"] / layers
+    rows.append([f"saved for backward: per language layer (of {layers})", per_layer / 2**30])
     rows.append(["peak (allocated)" if CUDA else "peak RSS of the process", peak])
     return [[name, f"{gib:.3f}"] for name, gib in rows]
 
@@ -226,11 +229,15 @@ def main() -> None:
             start = time.perf_counter()
             run()
             wall_us = 1e6 * (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    report(args, config, prof, wall_us, memory_rows(ddp, optimizer, before_optimizer, after_step, saved, peak))
+    if CUDA:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    memory = memory_rows(ddp, before_optimizer, after_step, saved, peak, config.language.num_layers)
+    report(args, prof, wall_us, memory)
 
 
-def report(args, config, prof, wall_us: float, memory: list) -> None:
+def report(args, prof, wall_us: float, memory: list) -> None:
     costs = breakdown(prof.events())
     total = sum(costs.values())
     kinds = sorted({k for _, k in costs})
