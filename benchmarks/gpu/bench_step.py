@@ -95,11 +95,12 @@ def fp8_recipe(args) -> str | None:
 
 def build(config, args, bf16: bool):
     dtype = torch.bfloat16 if bf16 else torch.float32
-    extra = {**recompute_fields(args.recompute), **fp8_transformer_overrides(fp8_recipe(args))}
+    extra = recompute_fields(args.recompute)
     language = language_transformer_config(config, params_dtype=dtype, calculate_per_token_loss=True,
                                            variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
-                                           bias_activation_fusion=args.fused_swiglu, **extra)
-    vision = vision_transformer_config(config, params_dtype=dtype, **extra)
+                                           bias_activation_fusion=args.fused_swiglu,
+                                           **fp8_transformer_overrides(fp8_recipe(args)), **extra)
+    vision = vision_transformer_config(config, params_dtype=dtype, **extra)  # bf16, as in training
     backend = args.spec if bf16 else "reference"
     fusions = Fusions(loss_chunk_tokens=args.loss_chunk, compiled_norm=args.compiled_norm)
     model = InternVLModel(config, language, vision, attention_backend=backend, fusions=fusions)

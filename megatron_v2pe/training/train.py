@@ -109,10 +109,12 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
             shared.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
         elif m.recompute_modules is not None:
             shared.update(recompute_modules=list(m.recompute_modules))
-    shared.update(fp8_transformer_overrides(config.training.fp8))
     language = language_transformer_config(
         vlm,
         **shared,
+        # FP8 for the language model only: FP8 GEMMs need token counts in multiples of 16, and a tile
+        # is 1,025 ViT tokens (1,024 patches and the class token).
+        **fp8_transformer_overrides(config.training.fp8),
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
