@@ -35,7 +35,7 @@ check_bundle() {
   local file
   for file in install_te.sh te_smoke.py SHA256SUMS; do
     if [[ ! -f "${bundle}/${file}" ]]; then
-      echo "no ${file} in the Transformer Engine bundle '${bundle}'; pass --bundle DIR (see /work/shared/te)" >&2
+      echo "no ${file} in the Transformer Engine bundle '${bundle}'; pass --bundle DIR, the folder of the offline Transformer Engine build" >&2
       return 1
     fi
   done
