@@ -39,12 +39,13 @@ run_step "profile, 32K, before (full recompute)" 60 "--preset tiny --tokens 1024
 run_step "before: full recompute" 40 "${tiny}" "${bench[@]}" --recompute full
 run_step "full recompute, chunked loss" 40 "${tiny}" "${bench[@]}" --recompute full --loss-chunk 4096
 run_step "full recompute, all fusions" 40 "${tiny}" "${bench[@]}" --recompute full "${fused[@]}"
-run_step "selective recompute (core attention), all fusions" 40 "${tiny}" "${bench[@]}" --recompute selective \
+run_step "selective recompute (core attention, MLP), all fusions" 40 "${tiny}" "${bench[@]}" \
+  --recompute selective:core_attn,mlp \
   "${fused[@]}"
 run_step "full recompute of 12 of 24 layers, all fusions" 40 "${tiny}" "${bench[@]}" --recompute block:12 \
   "${fused[@]}"
 run_step "no recompute, all fusions" 40 "${tiny}" "${bench[@]}" --recompute none "${fused[@]}"
-run_step "profile, 32K, after (selective recompute, all fusions)" 60 "--preset tiny --tokens 1024" \
-  "${profile[@]}" --recompute selective "${fused[@]}"
+run_step "profile, 32K, after (selective recompute of core attention and MLP, all fusions)" 60 "--preset tiny --tokens 1024" \
+  "${profile[@]}" --recompute selective:core_attn,mlp "${fused[@]}"
 check_budget "${budget_s}"
 finish

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from torch import Tensor
 
 
@@ -78,7 +81,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, group=None) -> Tensor:
+def chunked_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, group=None
+) -> Tensor:
     """Per-token cross entropy of ``hidden @ weight.T`` against ``labels`` (all [t, ...] flattened to t),
     ``chunk_tokens`` tokens at a time. ``weight`` is this rank's vocabulary slice over ``group``."""
     if chunk_tokens < 1:
@@ -104,5 +109,6 @@ class ChunkedLossProcessor:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=group)
         seq, batch = hidden_states.shape[:2]
         targets = labels.transpose(0, 1).reshape(-1)
-        loss = chunked_cross_entropy(hidden_states.reshape(seq * batch, -1), weight, targets, self.chunk_tokens, group)
+        hidden = hidden_states.reshape(seq * batch, -1)
+        loss = chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens, group)
         return loss.view(seq, batch).transpose(0, 1).contiguous()

@@ -39,12 +39,12 @@ def _build(norms: dict, config: TransformerConfig, hidden_size: int, eps: float)
 class TorchNorm:
     """Builds ``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` per ``config.normalization``."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused) -> torch.nn.Module:
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         return _build(_NORMS, config, hidden_size, eps)
 
 
 class CompiledTorchNorm:
     """Builds a ``CompiledRMSNorm`` (RMSNorm only: the compiled path exists for the language model)."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused) -> torch.nn.Module:
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         return _build({"RMSNorm": CompiledRMSNorm}, config, hidden_size, eps)
