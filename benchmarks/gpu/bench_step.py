@@ -33,7 +33,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.model.flops import H100_BF16_DENSE_PEAK, mfu, training_flops_per_pack
-from megatron_v2pe.model.fusions import Fusions
+from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
 from megatron_v2pe.model.presets import language_transformer_config, preset, vision_transformer_config
 from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.parallel import initialize
@@ -100,7 +100,7 @@ def build(config, args, bf16: bool):
                                            variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
                                            bias_activation_fusion=args.fused_swiglu,
                                            **fp8_transformer_overrides(fp8_recipe(args)), **extra)
-    vision = vision_transformer_config(config, params_dtype=dtype, **extra)  # bf16, as in training
+    vision = vision_transformer_config(config, params_dtype=dtype, **vision_recompute_fields(extra))  # no FP8
     backend = args.spec if bf16 else "reference"
     fusions = Fusions(loss_chunk_tokens=args.loss_chunk, compiled_norm=args.compiled_norm)
     model = InternVLModel(config, language, vision, attention_backend=backend, fusions=fusions)

@@ -159,13 +159,25 @@ def _ranges(event) -> list[str]:
     return names
 
 
-def _backward_key(event):
+def _backward_keys(event):
+    """The (sequence number, forward thread) of each autograd node being evaluated around ``event``,
+    innermost first (a recomputed forward runs inside the backward of its checkpoint)."""
     parent = event
     while parent is not None:
         if parent.name.startswith("autograd::engine::evaluate_function"):
-            return parent.sequence_nr, parent.fwd_thread
+            yield parent.sequence_nr, parent.fwd_thread
         parent = parent.cpu_parent
-    return None
+
+
+def _context(event, forward_ranges: dict) -> list[str]:
+    """Our ranges around ``event``, extended by those of the forward operators whose backward it runs
+    until a part is known."""
+    ranges = _ranges(event)
+    for key in _backward_keys(event):
+        if any(r.startswith(PART) for r in ranges):
+            break
+        ranges = ranges + forward_ranges.get(key, [])
+    return ranges
 
 
 def breakdown(events) -> dict:
@@ -173,15 +185,13 @@ def breakdown(events) -> dict:
     forward_ranges = {}
     for event in events:
         if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
-            forward_ranges.setdefault((event.sequence_nr, event.thread), _ranges(event))
+            forward_ranges.setdefault((event.sequence_nr, event.thread), _context(event, forward_ranges))
     costs = defaultdict(float)
     for event in events:
         cost = _own_cost(event)
         if cost <= 0 or event.name.startswith((PART, KIND)):
             continue
-        ranges = _ranges(event)
-        if not any(r.startswith(PART) for r in ranges):
-            ranges = ranges + forward_ranges.get(_backward_key(event), [])
+        ranges = _context(event, forward_ranges)
         part = next((r[len(PART):] for r in ranges if r.startswith(PART)), "other")
         costs[part, _kind(event, ranges)] += cost
     return costs

@@ -19,3 +19,12 @@ class Fusions:
     def __post_init__(self):
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1 or None, got {self.loss_chunk_tokens}")
+
+
+def vision_recompute_fields(fields: dict) -> dict:
+    """The language model's recompute fields as the vision tower takes them: selective recompute there
+    covers core attention only (Megatron-Core's MLP recompute around InternViT's layer-scaled residual
+    branches never finished a step of the tiny model on CPU, its memory growing without bound)."""
+    if fields.get("recompute_granularity") != "selective":
+        return fields
+    return {**fields, "recompute_modules": ["core_attn"]}

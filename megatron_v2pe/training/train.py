@@ -35,7 +35,7 @@ from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_v2pe.model.fusions import Fusions
+from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
 from megatron_v2pe.model.presets import (
     VLMConfig,
     from_hf_config,
@@ -128,7 +128,7 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         moe_token_dispatcher_type="alltoall",
         bias_activation_fusion=m.fused_swiglu,
     )
-    vision = vision_transformer_config(vlm, **shared)
+    vision = vision_transformer_config(vlm, **vision_recompute_fields(shared))
     fusions = Fusions(loss_chunk_tokens=m.loss_chunk_tokens, compiled_norm=m.compiled_norm)
     chunks = model_chunks(vlm, language, vision, m.attention_backend, fusions)
     for chunk in chunks:

@@ -45,6 +45,7 @@ def test_knobs_reach_the_model(synth_data):
     language = chunk.language_model
     assert chunk.fusions.loss_chunk_tokens == 512
     assert language.config.bias_activation_fusion and language.config.recompute_modules == ["core_attn", "mlp"]
+    assert chunk.vision_model.config.recompute_modules == ["core_attn"]  # model/fusions.py says why
     layer = language.decoder.layers[0]
     assert layer.recompute_mlp and isinstance(layer.pre_mlp_layernorm, CompiledRMSNorm)
     assert isinstance(language.decoder.final_layernorm, CompiledRMSNorm)
