@@ -57,7 +57,8 @@ install_te() {
 }
 
 check_bundle || exit 1
-install_wheels "${wheels}" /tmp/megatron_v2pe_site || exit 1
+# shellcheck source=benchmarks/gpu/install_wheels.sh
+source benchmarks/gpu/install_wheels.sh || exit 1
 if ((dry_run)); then
   compgen -G "${wheels}/*.whl" >/dev/null || echo "note: no wheels in '${wheels}'; the GPU host needs them" >&2
   te_version="(not installed in a dry run: the bundle is built for the GPU host's torch)"

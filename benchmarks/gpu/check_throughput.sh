@@ -24,7 +24,8 @@ cd "${repo}" || exit 1
 budget_s=450
 parse_args "bash benchmarks/gpu/check_throughput.sh [--wheels DIR] [--dry-run]" "$@"
 
-install_wheels "${wheels}" /tmp/megatron_v2pe_site || exit 1
+# shellcheck source=benchmarks/gpu/install_wheels.sh
+source benchmarks/gpu/install_wheels.sh || exit 1
 gpu="$(device_name)" || exit 1
 results="$(results_file -throughput)"
 write_header "Training throughput without Transformer Engine on ${gpu}" "bash benchmarks/gpu/check_throughput.sh --wheels ${wheels}"

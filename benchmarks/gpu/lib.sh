@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2154  # results and gpu are set by the caller
-# Shared by the GPU check scripts (sourced): the carried wheels, the results file, timed steps.
+# shellcheck disable=SC2154,SC2034  # results and gpu are set by the caller; wheels is read by install_wheels.sh
+# Shared by the GPU check scripts (sourced): arguments, the results file, timed steps (the carried
+# wheels: install_wheels.sh).
 # Defaults: python ($PYTHON or python3), wheels (.whl), dry_run (0); the caller sets results (the
 # results file) and gpu.
 #
@@ -45,26 +46,6 @@ results_file() {
   fi
 }
 
-# install_wheels WHEEL_DIR SITE: install the carried wheels into SITE where megatron-core or braceexpand
-# is missing, and put SITE on PYTHONPATH.
-install_wheels() {
-  local wheels="$1" site="$2" module
-  local missing=()
-  for module in megatron.core braceexpand; do
-    "${python}" -c "import ${module}" 2>/dev/null || missing+=("${module}")
-  done
-  if ((${#missing[@]} == 0)); then
-    return 0
-  fi
-  if ! compgen -G "${wheels}/*.whl" >/dev/null; then
-    echo "missing on this machine: ${missing[*]}; no wheels in '${wheels}' to install them from" >&2
-    return 1
-  fi
-  "${python}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "${site}" "${wheels}"/*.whl || return 1
-  export PYTHONPATH="${site}${PYTHONPATH:+:${PYTHONPATH}}"
-}
-
 # device_name: the GPU's name ("CPU dry run" under --dry-run); fails without a CUDA GPU.
 device_name() {
   if ((dry_run)); then
@@ -92,8 +73,8 @@ write_header() {
     if ! ((dry_run)); then
       echo "- $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
     fi
-    echo "- $("${python}" -c 'import platform, torch, megatron.core as m
-print(f"python {platform.python_version()}, torch {torch.__version__}, megatron-core {m.__version__}")')"
+    echo "- $("${python}" -c 'import platform, torch, triton, megatron.core as m
+print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, megatron-core {m.__version__}")')"
     local commit
     if commit="$(git rev-parse --short HEAD 2>/dev/null)"; then
       git diff --quiet HEAD 2>/dev/null || commit+=" with local changes"

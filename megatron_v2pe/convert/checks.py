@@ -7,17 +7,21 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from megatron_v2pe.errors import UsageError
 from megatron_v2pe.model.presets import VLMConfig
 
 NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name"}
 """Config fields that change neither the weights nor the forward pass."""
 
 
-class ConversionError(ValueError):
-    """Everything wrong with one conversion's input, listed at once."""
+class ConversionError(UsageError):
+    """Everything wrong with one conversion's input, listed at once (one problem: on one line)."""
 
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"cannot convert {source}: {problems[0]}; nothing was written")
+            return
         listing = "\n".join(f"  - {p}" for p in problems)
         super().__init__(
             f"cannot convert {source}: {len(problems)} problem(s); nothing was written\n{listing}"

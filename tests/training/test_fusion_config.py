@@ -18,11 +18,10 @@ def config(synth_data, **extra):
     [
         ({"model.recompute_modules": "[mlp]"}, "recompute_modules applies to recompute_granularity: selective"),
         ({"model.recompute_granularity": "selective", "model.recompute_modules": "[attn]"},
-         r"recompute_modules \['attn'\] unknown; choose from"),
+         r"model.recompute_modules\[0\] is 'attn'; choose one of \('core_attn', 'mlp', 'layernorm'\)"),
         ({"model.recompute_granularity": "selective", "model.recompute_modules": "[layernorm]"},
          "'layernorm' needs the Transformer Engine layers"),
-        ({"model.recompute_num_layers": 0}, "recompute_num_layers must be >= 1"),
-        ({"model.loss_chunk_tokens": 0}, "loss_chunk_tokens must be >= 1 or null"),
+        ({"model.loss_chunk_tokens": 0}, r"model.loss_chunk_tokens is 0; it must be >= 1 \(tokens per chunk\)"),
     ],
 )
 def test_validation_messages(synth_data, extra, message):
