@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2154  # python and wheels are set by the script that sources this
 # Sourced by the GPU scripts: makes megatron-core and braceexpand importable for ${python}, installing
 # them from the wheels in ${wheels} (made on an x86-64 host with
 #   python3 -m pip download --no-deps -d .whl megatron-core==0.19.2 braceexpand==0.1.7)

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_v2pe.model.norms import TorchNorm
+from megatron_v2pe.model.norms import CompiledTorchNorm, TorchNorm
 from megatron_v2pe.parallel.attention_backends import (
     AttentionBackend,
     local_core_attention,
@@ -82,16 +82,20 @@ def replace_attention(
     )
 
 
-def base_layer_spec(backend: str, normalization: str, qk_layernorm: bool = False) -> ModuleSpec:
+def base_layer_spec(
+    backend: str, normalization: str, qk_layernorm: bool = False, compiled_norm: bool = False
+) -> ModuleSpec:
     """Megatron-Core's GPT layer spec for a resolved backend: TE modules, or local linears with our
-    PyTorch core attention and norms that support sequence parallelism."""
+    PyTorch core attention and norms that support sequence parallelism (``compiled_norm``: the
+    torch.compile'd RMSNorm)."""
     if backend == "te":
-        # TE's norm modules read the normalization kind from the TransformerConfig.
+        # TE's norm modules read the normalization kind from the TransformerConfig (and fuse them).
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    norm = local_norm(normalization, compiled_norm)
     spec = dataclasses.replace(
         spec,
-        submodules=dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm),
+        submodules=dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm),
     )
     spec = replace_attention(spec, core_attention=local_core_attention(backend))
     return with_qk_norm(spec, TorchNorm) if qk_layernorm else spec
@@ -105,36 +109,51 @@ def with_qk_norm(spec: ModuleSpec, norm: type) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
-def final_norm(backend: str) -> type:
+def local_norm(normalization: str, compiled: bool = False) -> type:
+    """The norm builder of the local specs; the compiled one exists for RMSNorm only."""
+    if compiled and normalization != "RMSNorm":
+        raise ValueError(f"the compiled norm is an RMSNorm, but the model uses {normalization}; "
+                         "turn the compiled norm off for this model")
+    return CompiledTorchNorm if compiled else TorchNorm
+
+
+def final_norm(backend: str, compiled: bool = False, normalization: str = "RMSNorm") -> type:
     """The norm after the last decoder layer, matching the layer spec of ``backend``."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return TorchNorm
+    return local_norm(normalization, compiled)
 
 
 def v2pe_layer_spec(
     backend: AttentionBackend = "auto",
     normalization: str = "RMSNorm",
     qk_layernorm: bool = False,
+    compiled_norm: bool = False,
 ) -> ModuleSpec:
     """A GPT transformer-layer spec with V2PE attention.
 
     ``te``: Transformer Engine linears and attention. ``torch`` / ``reference``: Megatron-Core's local
     linears with our PyTorch core attention (see ``parallel/attention_backends.py``). ``normalization``
-    ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's.
+    ('RMSNorm' or 'LayerNorm') must match the TransformerConfig's; ``compiled_norm`` selects the
+    torch.compile'd RMSNorm of the local specs (TE fuses its own).
     """
-    spec = base_layer_spec(resolve_attention_backend(backend), normalization, qk_layernorm)
+    spec = base_layer_spec(resolve_attention_backend(backend), normalization, qk_layernorm, compiled_norm)
     return replace_attention(spec, attention_module=V2PESelfAttention)
 
 
 def v2pe_decoder_block_spec(
-    config: TransformerConfig, backend: AttentionBackend = "auto", vp_stage: Optional[int] = None
+    config: TransformerConfig,
+    backend: AttentionBackend = "auto",
+    vp_stage: Optional[int] = None,
+    compiled_norm: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline stage: its share of V2PE layers and the matching final norm."""
     backend = resolve_attention_backend(backend)
-    layer = v2pe_layer_spec(backend, config.normalization, config.qk_layernorm)
+    compiled_norm = compiled_norm and backend != "te"
+    layer = v2pe_layer_spec(backend, config.normalization, config.qk_layernorm, compiled_norm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=final_norm(backend)
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm(backend, compiled_norm, config.normalization),
     )

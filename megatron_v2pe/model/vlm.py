@@ -21,6 +21,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.model.chunked_loss import ChunkedLossProcessor
+from megatron_v2pe.model.fusions import Fusions
 from megatron_v2pe.model.language_model import V2PEGPTModel
 from megatron_v2pe.model.layer_specs import v2pe_decoder_block_spec
 from megatron_v2pe.model.presets import VLMConfig, vision_transformer_config
@@ -40,6 +42,7 @@ class InternVLModel(MegatronModule):
         attention_backend: 'auto', 'te', 'torch' or 'reference' (``parallel/attention_backends.py``).
         pre_process / post_process: whether this pipeline stage holds the embeddings (and the vision
             tower and projector) / the output layer and loss.
+        fusions: chunked loss and compiled norm of the language model (``model/fusions.py``).
     """
 
     def __init__(
@@ -52,9 +55,11 @@ class InternVLModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
+        fusions: Fusions = Fusions(),
     ):
         super().__init__(config=language_config)
         self.vlm_config = config
+        self.fusions = fusions
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules expect
         lm = config.language
         # Tied (Qwen's small sizes): under PP the last stage keeps a copy that Megatron initialises from
@@ -65,7 +70,7 @@ class InternVLModel(MegatronModule):
         self.post_process = post_process
         self.language_model = V2PEGPTModel(
             language_config,
-            v2pe_decoder_block_spec(language_config, attention_backend, vp_stage),
+            v2pe_decoder_block_spec(language_config, attention_backend, vp_stage, fusions.compiled_norm),
             lm.vocab_size,
             lm.max_sequence_length,
             rotary_base=lm.rotary_base,
@@ -165,12 +170,14 @@ class InternVLModel(MegatronModule):
         parallelism); returns the per-token cross entropy [1, t] when labels are given, else the
         logits. Reduce with ``weighted_loss``."""
         decoder_input = self.embed(input_ids, pixel_values, image_feature_index) if self.pre_process else None
+        chunk = self.fusions.loss_chunk_tokens
         return self.language_model(
             None,
             positions=positions,
             decoder_input=decoder_input,
             labels=labels,
             packed_seq_params=packed_seq_params,
+            output_processor=ChunkedLossProcessor(chunk) if chunk and labels is not None else None,
         )
 
 
@@ -179,6 +186,7 @@ def model_chunks(
     language_config: TransformerConfig,
     vision_config: TransformerConfig,
     attention_backend: AttentionBackend = "auto",
+    fusions: Fusions = Fusions(),
 ) -> list[InternVLModel]:
     """This rank's model: one chunk per virtual pipeline stage (one without virtual stages)."""
     virtual = language_config.virtual_pipeline_model_parallel_size
@@ -189,6 +197,7 @@ def model_chunks(
             config, language_config, vision_config, attention_backend=attention_backend,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
+            fusions=fusions,
         ))
     return chunks
 

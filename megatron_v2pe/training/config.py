@@ -53,8 +53,14 @@ class ModelSection:
     freeze_projector: bool = False
     freeze_language: bool = False
     recompute_granularity: Literal["full", "selective"] | None = None  # activation checkpointing
-    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_method: Literal["uniform", "block"] = "uniform"  # block: the first recompute_num_layers
     recompute_num_layers: int = 1
+    # selective: what to recompute (layernorm: TE layers only); None: core_attn
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] | None = None
+    # Faster paths that compute the same (model/fusions.py); off until measured faster on the GPU.
+    loss_chunk_tokens: int | None = None  # cross entropy over chunks of this many tokens, no full logits
+    compiled_norm: bool = False  # torch.compile'd RMSNorm in the local (non-TE) layers
+    fused_swiglu: bool = False  # Megatron-Core's fused SwiGLU (TransformerConfig.bias_activation_fusion)
 
 
 @dataclass
@@ -302,6 +308,7 @@ _LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.vision_drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.rotary_base": (lambda v: v > 1, "> 1 (InternLM2: 1e6)"),
     "model.recompute_num_layers": (lambda v: v >= 1, ">= 1"),
+    "model.loss_chunk_tokens": (lambda v: v >= 1, ">= 1 (tokens per chunk), or null for the full logits"),
     "data.max_seq_len": (lambda v: 1 <= v <= MAX_PACK_TOKENS, f"in [1, {MAX_PACK_TOKENS}] (tokens per pack)"),
     "data.max_tiles": (lambda v: v >= 1, ">= 1 (image tiles per pack)"),
     "data.max_tiles_per_sample": (lambda v: v >= 1, ">= 1"),
@@ -343,6 +350,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
         if path is not None and not os.path.exists(path):
             raise ConfigError(f"{key} {path} does not exist; check the path or set it to null")
     _validate_parallel(config, world_size)
+    _validate_recompute(config)
     _validate_host(config)
     _validate_data(config)
     _validate_schedule(config)
@@ -390,6 +398,16 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
             f"to be a multiple of pipeline_model_parallel_size {p.pipeline_model_parallel_size}; change "
             "training.global_batch_size"
         )
+
+
+def _validate_recompute(config: TrainConfig) -> None:
+    m = config.model
+    if m.recompute_modules is not None and m.recompute_granularity != "selective":
+        raise ConfigError("model.recompute_modules applies to recompute_granularity: selective; set it "
+                          "or remove recompute_modules")
+    if "layernorm" in (m.recompute_modules or ()) and m.attention_backend != "te":
+        raise ConfigError("model.recompute_modules 'layernorm' needs the Transformer Engine layers "
+                          "(Megatron-Core checkpoints norms through TE); set attention_backend: te or drop it")
 
 
 def _validate_host(config: TrainConfig) -> None:

@@ -42,6 +42,7 @@ from megatron_v2pe.data.loader import (
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
+from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
 from megatron_v2pe.model.presets import (
     VLMConfig,
     from_hf_config,
@@ -126,10 +127,14 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         shared.update(recompute_granularity=m.recompute_granularity)
         if m.recompute_granularity == "full":
             shared.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
-    shared.update(fp8_transformer_overrides(config.training.fp8))
+        elif m.recompute_modules is not None:
+            shared.update(recompute_modules=list(m.recompute_modules))
     language = language_transformer_config(
         vlm,
         **shared,
+        # FP8 for the language model only: FP8 GEMMs need token counts in multiples of 16, and a tile
+        # is 1,025 ViT tokens (1,024 patches and the class token).
+        **fp8_transformer_overrides(config.training.fp8),
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
@@ -141,9 +146,11 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         # TransformerConfig rejects variable lengths with the default MoE dispatcher even without
         # experts; the dispatcher is unused here.
         moe_token_dispatcher_type="alltoall",
+        bias_activation_fusion=m.fused_swiglu,
     )
-    vision = vision_transformer_config(vlm, **shared)
-    chunks = model_chunks(vlm, language, vision, m.attention_backend)
+    vision = vision_transformer_config(vlm, **vision_recompute_fields(shared))
+    fusions = Fusions(loss_chunk_tokens=m.loss_chunk_tokens, compiled_norm=m.compiled_norm)
+    chunks = model_chunks(vlm, language, vision, m.attention_backend, fusions)
     for chunk in chunks:
         chunk.freeze(vision=m.freeze_vision, projector=m.freeze_projector, language=m.freeze_language)
     return [chunk.to(current_device()) for chunk in chunks]

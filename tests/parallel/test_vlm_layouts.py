@@ -16,6 +16,7 @@ TIED = ["pp2", "pp2_vpp2", "tp2", "sp"]
 """Qwen3's language model (tied embeddings, per-head q/k norms) on the InternViT-6B-style tower: under PP
 the last stage's output layer is a copy of the first stage's embedding, kept equal by Megatron's
 embedding-group reductions; under TP the tower's cross-head q/k norms all-reduce their sum of squares."""
+FUSED = ["tp2", "sp", "cp2"]  # where the chunked loss and the compiled norm see other shards
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,12 @@ def tied(tmp_path_factory):
         "vlm_layouts.py", 2, tmp_path_factory.mktemp("tied"), "--layouts", ",".join(TIED),
         "--family", "qwen3", "--tower", "6b",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    return run_torchrun("vlm_layouts.py", 2, tmp_path_factory.mktemp("vlm_fused"), "--layouts", ",".join(FUSED),
+                        "--fused")
 
 
 def _check(results, layout):
@@ -60,3 +67,13 @@ def test_four_rank_layout(four_ranks, layout):
 @pytest.mark.parametrize("layout", TIED)
 def test_tied_embeddings_layout(tied, layout):
     _check(tied, layout)
+
+
+@pytest.mark.parametrize("layout", FUSED)
+def test_fused_paths_equal_the_plain_path_in_the_layout(fused, layout):
+    """Chunked loss, compiled RMSNorm and fused SwiGLU: the same loss and gradients as the plain path of
+    the same layout to 1e-6 (and the plain path gives the single-process ones)."""
+    _check(fused, layout)
+    got = fused["layouts"][layout]
+    assert got["fused_loss_error"] <= 1e-6
+    assert got["fused_grad_error"] <= 1e-6, got["fused_worst"]

@@ -121,7 +121,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 MinJobAge=3600
 KillWait=30
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(OMP_NUM_THREADS= nproc) State=UNKNOWN
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
 EOF
 if [[ -f "${conf}" ]] && cmp -s "${conf}" "${conf}.new"; then

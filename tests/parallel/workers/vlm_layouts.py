@@ -25,6 +25,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+from megatron_v2pe.model.fusions import Fusions
 from megatron_v2pe.model.presets import language_transformer_config, vision_transformer_config
 from megatron_v2pe.model.vlm import model_chunks, model_inputs, sharded_model_state, weighted_loss
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
@@ -41,6 +42,7 @@ def four_layer_config(family: str, tower: str):
     layers."""
     base = family_config(family, tower)
     return dataclasses.replace(base, language=dataclasses.replace(base.language, num_layers=4))
+
 
 PACK_TOKENS = 192
 PAD_MULTIPLE = 16  # 2·CP·TP for the largest layout (CP4 with TP2 sequence parallel)
@@ -71,13 +73,19 @@ def global_batch() -> list:
     return [pack([sub_sample(CONFIG, rng, s) for s in subs], PAD_MULTIPLE, PACK_TOKENS) for subs in layouts]
 
 
-def build(tp=1, pp=1, cp=1, vpp=None, sp=False):
+# The fused variant of a layout: chunked loss (chunks that do not divide the pack), compiled RMSNorm,
+# Megatron's fused SwiGLU.
+FUSED = Fusions(loss_chunk_tokens=37, compiled_norm=True)
+
+
+def build(tp=1, pp=1, cp=1, vpp=None, sp=False, fused=False):
     language = language_transformer_config(
         CONFIG, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, calculate_per_token_loss=True,
+        bias_activation_fusion=fused,
     )
     vision = vision_transformer_config(CONFIG, tensor_model_parallel_size=tp)
-    return model_chunks(CONFIG, language, vision, "reference")
+    return model_chunks(CONFIG, language, vision, "reference", FUSED if fused else Fusions())
 
 
 def reference(workdir: Path):
@@ -104,11 +112,11 @@ def save(state: dict, path: Path) -> None:
     dist_checkpointing.save(state, str(path))
 
 
-def run_layout(name: str, workdir: Path) -> float:
+def run_layout(name: str, workdir: Path, fused: bool = False) -> float:
     tp, pp, cp, vpp, sp, distopt = LAYOUTS[name]
     initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
                virtual_pipeline_model_parallel_size=vpp, seed=11)
-    chunks = build(tp, pp, cp, vpp, sp)
+    chunks = build(tp, pp, cp, vpp, sp, fused)
     state = sharded_model_state(chunks)
     loaded = dist_checkpointing.load(state, str(workdir / "initial"))
     for i, chunk in enumerate(chunks):
@@ -131,7 +139,7 @@ def run_layout(name: str, workdir: Path) -> float:
     optimizer.zero_grad()
     result = forward_backward(wrapped, mine)
     optimizer.step()
-    save(sharded_model_state(chunks), workdir / f"after_{name}")
+    save(sharded_model_state(chunks), workdir / f"after_{name}{'_fused' if fused else ''}")
     destroy_model_parallel()
     return result.loss, vision_error
 
@@ -146,12 +154,23 @@ def vision_under_cp_error(model, batch) -> float | None:
     return (spread - alone).abs().max().item()
 
 
-def updated_weights(name: str, workdir: Path) -> dict:
+def updated_weights(name: str, workdir: Path, fused: bool = False) -> dict:
     initialize(seed=11)
     (model,) = build()
-    model.load_state_dict(dist_checkpointing.load(sharded_model_state([model]), str(workdir / f"after_{name}"))["model0"])
+    path = workdir / f"after_{name}{'_fused' if fused else ''}"
+    model.load_state_dict(dist_checkpointing.load(sharded_model_state([model]), str(path))["model0"])
     destroy_model_parallel()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def fused_vs_plain(name: str, workdir: Path, loss: float, after: dict) -> dict:
+    """The layout once more with the fused paths: its loss and updated weights (weights - gradient)
+    against the plain run of the same layout."""
+    fused_loss, _ = run_layout(name, workdir, fused=True)
+    fused_after = updated_weights(name, workdir, fused=True)
+    errors = {n: (fused_after[n] - after[n]).abs().max().item() for n in after}
+    worst = max(errors, key=errors.get)
+    return {"fused_loss_error": abs(fused_loss - loss), "fused_grad_error": errors[worst], "fused_worst": worst}
 
 
 def main() -> None:
@@ -161,6 +180,7 @@ def main() -> None:
     parser.add_argument("--layouts", required=True)
     parser.add_argument("--family", default="internlm2")
     parser.add_argument("--tower", default="300m")
+    parser.add_argument("--fused", action="store_true", help="also run each layout with FUSED; compare")
     args = parser.parse_args()
     global CONFIG
     CONFIG = four_layer_config(args.family, args.tower)
@@ -177,6 +197,8 @@ def main() -> None:
             "max_grad": max(g.abs().max().item() for g in grads.values()),
             "params_compared": len(errors), "vision_cp_error": vision_error,
         }
+        if args.fused:
+            results["layouts"][name].update(fused_vs_plain(name, args.workdir, loss, after))
     if dist.get_rank() == 0:
         args.result.write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
