@@ -271,32 +271,6 @@ def v2pe_settings(config: VLMConfig, delta_policy: str, trained_window: int) -> 
     }
 
 
-def export_hf(
-    model: InternVLModel,
-    config: VLMConfig,
-    output: str | Path,
-    layout_name: str,
-    *,
-    v2pe: dict[str, Any],
-    reference: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> None:
-    """Write ``model`` as a Hugging Face model directory, one tensor and one shard at a time."""
-    state = weights(model)
-    write_hf(
-        to_hf(table(LAYOUTS[layout_name], config), lambda n: state[n].detach()),
-        state["language_model.embedding.word_embeddings.weight"].dtype,
-        config,
-        output,
-        layout_name,
-        v2pe=v2pe,
-        reference=reference,
-        tokenizer=tokenizer,
-        max_shard_bytes=max_shard_bytes,
-    )
-
-
 def write_hf(
     tensors: Iterable[tuple[str, torch.Tensor] | tuple[None, int]],
     dtype: torch.dtype,
