@@ -9,8 +9,9 @@ import torch
 
 from megatron_v2pe.model.presets import VLMConfig
 
-NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name"}
-"""Config fields that change neither the weights nor the forward pass."""
+NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name", "dynamic_ntk_factor", "image_format"}
+"""Config fields that do not describe the weights: training settings, the data pipeline's tiling defaults,
+and InternLM2's dynamic NTK (δ = 1 inference only; V2PE training drops it)."""
 
 
 class ConversionError(ValueError):

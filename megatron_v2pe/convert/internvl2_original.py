@@ -11,7 +11,8 @@ from typing import Any
 
 from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.convert.mapping import IDENTITY, Concat, Rule, StackedQKV, TPSplit, layer_rules, rule
-from megatron_v2pe.model.presets import VLMConfig, from_hf_config
+from megatron_v2pe.model.internvl_config import from_hf_config
+from megatron_v2pe.model.presets import VLMConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW
 

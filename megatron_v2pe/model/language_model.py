@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_v2pe.model.layer_specs import V2PESelfAttention
-from megatron_v2pe.v2pe.rotary import V2PERotaryEmbedding
+from megatron_v2pe.v2pe.rotary import DynamicNTK, V2PERotaryEmbedding
 
 
 class V2PEGPTModel(GPTModel):
@@ -32,6 +32,7 @@ class V2PEGPTModel(GPTModel):
         *,
         rotary_base: float = 1e6,
         rotary_percent: float = 1.0,
+        dynamic_ntk: DynamicNTK | None = None,
         **kwargs,
     ):
         layer = (transformer_layer_spec.layer_specs[0]
@@ -50,7 +51,7 @@ class V2PEGPTModel(GPTModel):
             position_embedding_type="none",
             **kwargs,
         )
-        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
+        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_percent, rotary_base, dynamic_ntk)
 
     def forward(
         self,

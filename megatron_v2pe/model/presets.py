@@ -1,21 +1,23 @@
 """Typed model configurations of the InternVL2 architecture, and the presets we ship.
 
-``VLMConfig`` describes the shapes only; parallelism and precision are applied when the Megatron-Core
-``TransformerConfig``s are built (``language_transformer_config`` / ``vision_transformer_config``).
+``VLMConfig`` describes a release: its shapes and the formats it was trained with (chat template, image
+tiling, pixel shuffle, the ViT layer it reads); ``internvl_config.from_hf_config`` reads one from InternVL's
+config.json. Parallelism and precision are applied when the Megatron-Core ``TransformerConfig``s are built
+(``language_transformer_config`` / ``vision_transformer_config``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
+from megatron_v2pe.v2pe.rotary import DynamicNTK
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,20 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-6
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
+    select_layer: int = -1  # whose output feeds the projector, as InternVL indexes hidden states
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.feature_layers <= self.num_layers:
+            raise ValueError(
+                f"select_layer {self.select_layer} does not pick one of the {self.num_layers} ViT layers' "
+                f"outputs; use -1 (the last) to -{self.num_layers} or 1 to {self.num_layers}"
+            )
+
+    @property
+    def feature_layers(self) -> int:
+        """Layers run to produce the features: InternVL's ``hidden_states[select_layer]`` (index 0 is the
+        embeddings, -1 the last layer's output)."""
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     @property
     def patches_per_side(self) -> int:
@@ -54,6 +70,36 @@ class LanguageConfig:
     rotary_base: float = 1e6
     layernorm_epsilon: float = 1e-5
     max_sequence_length: int = 32768
+    dynamic_ntk_factor: float | None = None  # rope_scaling {type: dynamic}: δ = 1 inference only
+
+    @property
+    def dynamic_ntk(self) -> DynamicNTK | None:
+        if self.dynamic_ntk_factor is None:
+            return None
+        return DynamicNTK(self.dynamic_ntk_factor, self.max_sequence_length)
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How the release cuts images into tiles: the data pipeline's defaults (InternVL's config.json
+    ``max_dynamic_patch``, ``min_dynamic_patch``, ``use_thumbnail``, ``dynamic_image_size``; V2PE's
+    ``dynamic_max_patch``). ``data/images.py`` says what each means."""
+
+    max_tiles: int = 12
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True  # False: every image is one tile, resized
+    tile_budget: str = "per_sample"  # per_sample (InternVL) | per_image (V2PE recipe)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_tiles <= self.max_tiles or self.tile_budget not in ("per_image", "per_sample"):
+            raise ValueError(
+                f"need 1 <= min_tiles <= max_tiles and tile_budget per_image or per_sample, got "
+                f"{self.min_tiles}, {self.max_tiles}, {self.tile_budget!r}"
+            )
+
+
+PIXEL_SHUFFLE_VERSIONS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -62,9 +108,15 @@ class VLMConfig:
     language: LanguageConfig
     img_context_token_id: int
     downsample_ratio: float = 0.5
+    ps_version: str = "v2"  # pixel shuffle: v1 leaves the shuffled grid transposed (projector.py)
+    template: str = "internlm2-chat"  # the chat template (data/conversation.py TEMPLATES)
+    image_format: ImageFormat = field(default_factory=ImageFormat)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if self.ps_version not in PIXEL_SHUFFLE_VERSIONS:
+            raise ValueError(f"ps_version must be one of {PIXEL_SHUFFLE_VERSIONS}, got {self.ps_version!r}")
+        chat_template(self.template)  # raises, naming the known templates
         shuffle = round(1 / self.downsample_ratio)
         if abs(shuffle * self.downsample_ratio - 1) > 1e-9 or self.vision.patches_per_side % shuffle:
             raise ValueError(
@@ -135,6 +187,7 @@ def tiny(vocab_size: int = 256, img_context_token_id: int = 3) -> VLMConfig:
         language=LanguageConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                                 ffn_hidden_size=160, vocab_size=vocab_size, max_sequence_length=4096),
         img_context_token_id=img_context_token_id,
+        image_format=ImageFormat(max_tiles=6),
         name="tiny",
     )
 
@@ -144,60 +197,14 @@ INTERNVL2_2B_IMG_CONTEXT_ID = 92546
 
 
 def internvl2_2b() -> VLMConfig:
-    """Exact shapes of InternVL2-2B: InternViT-300M-448px + MLP projector + InternLM2-chat-1.8B."""
+    """InternVL2-2B as released (InternViT-300M-448px + MLP projector + InternLM2-chat-1.8B), with plain
+    RoPE: its config.json's dynamic NTK is for δ = 1 inference (``internvl_config.from_hf_config``)."""
     return VLMConfig(
         vision=VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096),
         language=LanguageConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
                                 ffn_hidden_size=8192, vocab_size=92553),
         img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
         name="internvl2_2b",
-    )
-
-
-def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
-    """Build from an InternVL2 Hugging Face ``config.json`` (a path, a model directory, or the dict)."""
-    if isinstance(source, dict):
-        hf = source
-    else:
-        path = Path(source)
-        hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    try:
-        vit, llm = hf["vision_config"], hf["llm_config"]
-        vision = VisionConfig(
-            num_layers=vit["num_hidden_layers"],
-            hidden_size=vit["hidden_size"],
-            num_attention_heads=vit["num_attention_heads"],
-            ffn_hidden_size=vit["intermediate_size"],
-            image_size=hf.get("force_image_size") or vit["image_size"],
-            patch_size=vit["patch_size"],
-            layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
-            layer_scale_init=vit.get("initializer_factor", 0.1),
-            drop_path_rate=vit.get("drop_path_rate", 0.0),
-        )
-        language = LanguageConfig(
-            num_layers=llm["num_hidden_layers"],
-            hidden_size=llm["hidden_size"],
-            num_attention_heads=llm["num_attention_heads"],
-            num_query_groups=llm.get("num_key_value_heads", llm["num_attention_heads"]),
-            ffn_hidden_size=llm["intermediate_size"],
-            vocab_size=llm["vocab_size"],
-            rotary_base=llm.get("rope_theta", 1e6),
-            layernorm_epsilon=llm.get("rms_norm_eps", 1e-5),
-            max_sequence_length=llm.get("max_position_embeddings", 32768),
-        )
-    except KeyError as err:
-        raise ValueError(f"not an InternVL2 config.json: missing key {err}") from err
-    if vit.get("qkv_bias") is False or vit.get("qk_normalization") or llm.get("tie_word_embeddings"):
-        raise ValueError(
-            "unsupported InternVL2 variant: expected qkv_bias=True, qk_normalization=False and untied "
-            "word embeddings (the InternViT-300M + InternLM2 family)"
-        )
-    return VLMConfig(
-        vision=vision,
-        language=language,
-        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID if img_context_token_id is None else img_context_token_id,
-        downsample_ratio=hf.get("downsample_ratio", 0.5),
-        name=hf.get("_name_or_path", "hf"),
     )
 
 

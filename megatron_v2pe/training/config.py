@@ -67,7 +67,8 @@ class DataSection:
     tokenizer: str | None = None
     max_seq_len: int = 32768  # tokens per pack (after padding)
     max_tiles: int = 128  # tiles per pack
-    max_tiles_per_sample: int = 6
+    max_image_tiles: int | None = None  # grid tiles per image (InternVL's max_dynamic_patch); None: the model's
+    tile_budget: str | None = None  # per_image (V2PE's recipe) | per_sample (InternVL's); None: the model's
     pad_multiple: int | None = None  # sub-sample padding; None: the layout's (packing.padding_multiple).
     # Fix it to the largest layout a run will move between, so that packs do not change on resharding.
     delta_policy: str = "random"  # none | fixed:<δ> | random | auto:<window>
@@ -262,6 +263,7 @@ _CHOICES = {
     "model.recompute_method": ("uniform", "block"),
     "data.loss_weighting": ("square", "token"),
     "data.over_long": ("drop", "truncate"),
+    "data.tile_budget": (None, "per_image", "per_sample"),
     "training.fp8": (None, *FP8_RECIPES),
     "optimizer.optimizer": ("adam",),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root"),

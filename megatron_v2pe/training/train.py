@@ -35,9 +35,9 @@ from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import (
     VLMConfig,
-    from_hf_config,
     language_transformer_config,
     preset,
     tiny,
@@ -82,6 +82,9 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         )
     if m.rotary_base is not None:
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, rotary_base=m.rotary_base))
+    if vlm.language.dynamic_ntk_factor is not None:
+        logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
+        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
     check_tokenizer_matches(tokenizer, vlm)
     tp = config.parallel.tensor_model_parallel_size
     if vlm.language.vocab_size % tp:
@@ -194,7 +197,8 @@ def data_config(config: TrainConfig) -> DataConfig:
             over_long=d.over_long,
             delta_policy=d.delta_policy,
         ),
-        max_tiles_per_sample=d.max_tiles_per_sample,
+        max_image_tiles=d.max_image_tiles,
+        tile_budget=d.tile_budget,
         shuffle_buffer=d.shuffle_buffer,
         seed=config.training.seed,
         num_workers=d.num_workers,

@@ -4,11 +4,16 @@ Positions are data (built on the host in float64, see ``positions.py``), so the 
 rather than a sequence length. Angles are computed in float64 and reduced modulo 2π before the cast to
 float32: a float32 ``p * inv_freq`` is off by ~0.06 rad near p = 1e6 and by > 0.01 rad near 2^22, while
 the reduced float64 angle is within ~4e-7 rad of the exact value at any position.
+
+``DynamicNTK`` is InternLM2's ``rope_scaling: {type: dynamic}``: a sequence of L > max_positions tokens
+rotates with the base θ·(f·L/max_positions − (f − 1))^(d/(d−2)). It only describes δ = 1 inference of a
+released model; V2PE runs use plain RoPE (the paper drops it), so the trainer never turns it on.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +63,27 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
 
 
+@dataclass(frozen=True)
+class DynamicNTK:
+    """InternLM2's dynamic NTK scaling: ``factor`` f and the trained window ``max_positions``."""
+
+    factor: float
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        if not (self.factor >= 1 and self.max_positions >= 1):
+            raise ValueError(
+                f"dynamic NTK needs factor >= 1 and max_positions >= 1, got {self.factor}, {self.max_positions}"
+            )
+
+    def base(self, base: float, length: int, rotary_dim: int) -> float:
+        """The RoPE base for a sequence of ``length`` tokens (unchanged up to max_positions)."""
+        if length <= self.max_positions:
+            return base
+        stretch = self.factor * length / self.max_positions - (self.factor - 1)
+        return base * stretch ** (rotary_dim / (rotary_dim - 2))
+
+
 class V2PERotaryEmbedding(nn.Module):
     """Maps per-token V2PE positions to rotary angles [s, b, 1, d].
 
@@ -65,9 +91,18 @@ class V2PERotaryEmbedding(nn.Module):
         kv_channels: attention head dimension.
         rotary_percent: fraction of the head dimension that is rotated.
         rotary_base: θ (1e6 for InternLM2).
+        dynamic_ntk: scale θ for sequences past the trained window (δ = 1 inference of a release). The
+            length is the largest position + 1 of the forward: InternLM2's for one sequence per forward
+            (and per decoding step); a pack of several sequences gets the longest one's base.
     """
 
-    def __init__(self, kv_channels: int, rotary_percent: float = 1.0, rotary_base: float = 1e6):
+    def __init__(
+        self,
+        kv_channels: int,
+        rotary_percent: float = 1.0,
+        rotary_base: float = 1e6,
+        dynamic_ntk: DynamicNTK | None = None,
+    ):
         super().__init__()
         if not 0.0 < rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent must be in (0, 1], got {rotary_percent}")
@@ -75,6 +110,14 @@ class V2PERotaryEmbedding(nn.Module):
         # A plain attribute, not a buffer: Float16Module's .bfloat16() would cast a buffer and
         # destroy the float64 precision this module exists for.
         self.inv_freq = inverse_frequencies(self.rotary_dim, rotary_base)
+        self.rotary_base = rotary_base
+        self.dynamic_ntk = dynamic_ntk
 
     def forward(self, positions: Tensor) -> Tensor:
-        return rotary_angles(positions, self.inv_freq)
+        inv_freq = self.inv_freq
+        if self.dynamic_ntk is not None and positions.numel():
+            length = math.floor(positions.max().item()) + 1
+            base = self.dynamic_ntk.base(self.rotary_base, length, self.rotary_dim)
+            if base != self.rotary_base:
+                inv_freq = inverse_frequencies(self.rotary_dim, base)
+        return rotary_angles(positions, inv_freq)
