@@ -75,6 +75,9 @@ def _rope_scaling(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, Mapping) and value.get("type", value.get("rope_type")) == "dynamic":
+        unknown = set(value) - {"type", "rope_type", "factor"}
+        if unknown:
+            raise ValueError(f"has keys {sorted(unknown)} besides type and factor")
         return float(value["factor"])
     raise ValueError(f"{value!r}: only InternLM2's dynamic NTK ({{'type': 'dynamic', 'factor': f}}) is implemented")
 
@@ -192,9 +195,12 @@ def _apply(rule: Rule, path: str, data: Mapping[str, Any], values: dict[str, dic
             value = rule.read(data[name]) if rule.read else data[name]
         except (ValueError, TypeError, KeyError) as err:
             return [f"{path} {err}"]
-    if value is not SKIP:
-        part, _, field = rule.target.rpartition(".")
-        values[part][field] = value
+    if value is SKIP:
+        return []
+    part, _, field = rule.target.rpartition(".")
+    if field in values[part] and values[part][field] != value:  # two fields for one setting disagree
+        return [f"{path} is {value!r} but {rule.target} is {values[part][field]!r} by another field"]
+    values[part][field] = value
     return []
 
 

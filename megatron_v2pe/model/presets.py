@@ -121,7 +121,8 @@ class VLMConfig:
         if abs(shuffle * self.downsample_ratio - 1) > 1e-9 or self.vision.patches_per_side % shuffle:
             raise ValueError(
                 f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
-                f"{self.vision.patches_per_side} patches per side"
+                f"{self.vision.patches_per_side} patches per side (image_size {self.vision.image_size} "
+                f"// patch_size {self.vision.patch_size})"
             )
         if not 0 <= self.img_context_token_id < self.language.vocab_size:
             raise ValueError(
