@@ -91,7 +91,8 @@ def _tile_budget(value: Any) -> str:
 
 
 VISION_FIELDS: dict[str, Rule] = {
-    "architectures": Require((["InternVisionModel"],), "only InternViT is implemented"),
+    "architectures": Require((["InternVisionModel"],), "only InternViT is implemented",
+                             default=["InternVisionModel"]),
     "attention_dropout": Require((0.0,), "the vision tower runs without dropout", default=0.0),
     "dropout": Require((0.0,), "the vision tower runs without dropout", default=0.0),
     "drop_path_rate": Use("vision.drop_path_rate", 0.0),
@@ -138,7 +139,7 @@ LLM_FIELDS: dict[str, Rule] = {
     "rms_norm_eps": Use("language.layernorm_epsilon", 1e-6),
     "rope_scaling": Use("language.dynamic_ntk_factor", None, _rope_scaling),
     "rope_theta": Use("language.rotary_base", 10000.0),
-    "tie_word_embeddings": Require((False,), "InternLM2's input and output embeddings are separate",
+    "tie_word_embeddings": Require((False,), "InternLM2 has untied word embeddings (separate input and output)",
                                    default=False),
     "torch_dtype": DTYPE,
     "use_cache": Inert("generation bookkeeping; the evaluation has its own KV cache"),

@@ -85,7 +85,7 @@ class ImageFormat:
     ``max_dynamic_patch``, ``min_dynamic_patch``, ``use_thumbnail``, ``dynamic_image_size``; V2PE's
     ``dynamic_max_patch``). ``data/images.py`` says what each means."""
 
-    max_tiles: int = 12
+    max_tiles: int = 6
     min_tiles: int = 1
     use_thumbnail: bool = True
     dynamic_image_size: bool = True  # False: every image is one tile, resized
@@ -188,7 +188,6 @@ def tiny(vocab_size: int = 256, img_context_token_id: int = 3) -> VLMConfig:
         language=LanguageConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                                 ffn_hidden_size=160, vocab_size=vocab_size, max_sequence_length=4096),
         img_context_token_id=img_context_token_id,
-        image_format=ImageFormat(max_tiles=6),
         name="tiny",
     )
 
@@ -205,6 +204,7 @@ def internvl2_2b() -> VLMConfig:
         language=LanguageConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
                                 ffn_hidden_size=8192, vocab_size=92553),
         img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        image_format=ImageFormat(max_tiles=12),
         name="internvl2_2b",
     )
 
