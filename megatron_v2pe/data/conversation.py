@@ -7,7 +7,8 @@ role ``system`` (first turn only), ``human`` or ``gpt`` (``user``/``assistant`` 
 A template (``TEMPLATES``, chosen by name: InternVL's config.json ``template`` field) says how turns become
 text; InternVL2's ``internlm2-chat`` renders::
 
-    <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n{answer}<|im_end|>...
+    <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{question}<|im_end|>
+    <|im_start|>assistant\n{answer}<|im_end|>...    (one line: nothing between <|im_end|> and <|im_start|>)
 
 with every turn's text stripped of surrounding whitespace first, as InternVL's preprocessing does. Only
 assistant text and the end marker closing it are supervised (the model must learn to stop); everything

@@ -57,9 +57,9 @@ class DataConfig:
     tokenizer: str
     pack: PackConfig = field(default_factory=PackConfig)
     # Image tiling (data/images.py); None takes the model's own (VLMConfig.image_format, from config.json)
-    max_image_tiles: int | None = None  # grid tiles of one image, thumbnail aside (InternVL's max_dynamic_patch)
-    tile_budget: str | None = None  # per_image: each image up to max_image_tiles (V2PE's recipe) | per_sample:
-    # n images get max(1, max_image_tiles // n) each (InternVL's)
+    max_image_tiles: int | None = None  # grid tiles of one image, thumbnail aside (max_dynamic_patch)
+    tile_budget: str | None = None  # per_image: each image up to max_image_tiles (V2PE's recipe) |
+    # per_sample: n images get max(1, max_image_tiles // n) each (InternVL's)
     use_thumbnail: bool | None = None
     system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
     shuffle_buffer: int = 64

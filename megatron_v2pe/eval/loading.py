@@ -61,4 +61,4 @@ def rope_for_policy(model: InternVLModel, delta_policy: str) -> str | None:
     if rotary.dynamic_ntk is None or unit:
         return None
     rotary.dynamic_ntk = None
-    return f"plain RoPE under delta policy {delta_policy}: the model config's dynamic NTK scaling is for δ = 1 only"
+    return f"plain RoPE under delta policy {delta_policy}: the model's dynamic NTK scaling is for δ = 1 only"

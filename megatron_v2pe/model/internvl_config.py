@@ -51,7 +51,7 @@ class Inert:
 
 Rule = Use | Require | Inert
 
-GENERIC = Inert("transformers' generic PretrainedConfig field: generation defaults or serialization bookkeeping")
+GENERIC = Inert("transformers' generic field: generation defaults or serialization bookkeeping")
 GENERIC_FIELDS = (
     "_name_or_path", "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "bos_token_id",
     "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty",
@@ -79,7 +79,7 @@ def _rope_scaling(value: Any) -> float | None:
         if unknown:
             raise ValueError(f"has keys {sorted(unknown)} besides type and factor")
         return float(value["factor"])
-    raise ValueError(f"{value!r}: only InternLM2's dynamic NTK ({{'type': 'dynamic', 'factor': f}}) is implemented")
+    raise ValueError(f"{value!r}: only dynamic NTK ({{'type': 'dynamic', 'factor': f}}) is implemented")
 
 
 def _unless_none(value: Any) -> Any:
@@ -139,8 +139,7 @@ LLM_FIELDS: dict[str, Rule] = {
     "rms_norm_eps": Use("language.layernorm_epsilon", 1e-6),
     "rope_scaling": Use("language.dynamic_ntk_factor", None, _rope_scaling),
     "rope_theta": Use("language.rotary_base", 10000.0),
-    "tie_word_embeddings": Require((False,), "InternLM2 has untied word embeddings (separate input and output)",
-                                   default=False),
+    "tie_word_embeddings": Require((False,), "InternLM2 has untied word embeddings", default=False),
     "torch_dtype": DTYPE,
     "use_cache": Inert("generation bookkeeping; the evaluation has its own KV cache"),
     "vocab_size": Use("language.vocab_size"),
@@ -230,7 +229,9 @@ def read_fields(hf: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return values
 
 
-def from_hf_config(source: str | Path | Mapping[str, Any], img_context_token_id: int | None = None) -> VLMConfig:
+def from_hf_config(
+    source: str | Path | Mapping[str, Any], img_context_token_id: int | None = None
+) -> VLMConfig:
     """The VLMConfig of an InternVL2 ``config.json`` (a path, a model directory, or the dict); its
     ``<IMG_CONTEXT>`` id lives in the tokenizer: InternVL2-2B's unless given."""
     if isinstance(source, Mapping):
@@ -239,12 +240,14 @@ def from_hf_config(source: str | Path | Mapping[str, Any], img_context_token_id:
         path = Path(source)
         hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     values = read_fields(hf)
+    if img_context_token_id is None:
+        img_context_token_id = INTERNVL2_2B_IMG_CONTEXT_ID
     try:
         return VLMConfig(
             vision=VisionConfig(**values["vision"]),
             language=LanguageConfig(**values["language"]),
             image_format=ImageFormat(**values["image_format"]),
-            img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID if img_context_token_id is None else img_context_token_id,
+            img_context_token_id=img_context_token_id,
             **values[""],
         )
     except ValueError as err:

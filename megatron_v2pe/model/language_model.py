@@ -51,7 +51,9 @@ class V2PEGPTModel(GPTModel):
             position_embedding_type="none",
             **kwargs,
         )
-        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_percent, rotary_base, dynamic_ntk)
+        self.rotary_pos_emb = V2PERotaryEmbedding(
+            config.kv_channels, rotary_percent, rotary_base, dynamic_ntk
+        )
 
     def forward(
         self,

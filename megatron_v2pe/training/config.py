@@ -67,7 +67,7 @@ class DataSection:
     tokenizer: str | None = None
     max_seq_len: int = 32768  # tokens per pack (after padding)
     max_tiles: int = 128  # tiles per pack
-    max_image_tiles: int | None = None  # grid tiles per image (InternVL's max_dynamic_patch); None: the model's
+    max_image_tiles: int | None = None  # grid tiles per image (max_dynamic_patch); None: the model's
     tile_budget: str | None = None  # per_image (V2PE's recipe) | per_sample (InternVL's); None: the model's
     pad_multiple: int | None = None  # sub-sample padding; None: the layout's (packing.padding_multiple).
     # Fix it to the largest layout a run will move between, so that packs do not change on resharding.

@@ -73,7 +73,8 @@ class DynamicNTK:
     def __post_init__(self) -> None:
         if not (self.factor >= 1 and self.max_positions >= 1):
             raise ValueError(
-                f"dynamic NTK needs factor >= 1 and max_positions >= 1, got {self.factor}, {self.max_positions}"
+                f"dynamic NTK needs factor >= 1 and max_positions >= 1, got {self.factor}, "
+                f"{self.max_positions}"
             )
 
     def base(self, base: float, length: int, rotary_dim: int) -> float:

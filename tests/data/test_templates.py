@@ -1,6 +1,7 @@
 """Chat templates token for token, against sequences written out by hand from InternVL2's format:
-``<s><|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{user}<|im_end|><|im_start|>assistant\\n{answer}<|im_end|>``,
-every turn's text stripped, only the answers and their ``<|im_end|>`` supervised."""
+``<s><|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{user}<|im_end|>`` then
+``<|im_start|>assistant\\n{answer}<|im_end|>`` with nothing between turns, every turn's text stripped,
+only the answers and their ``<|im_end|>`` supervised."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_multi_turn_with_several_images(renderer):
     ]
     rendered = renderer(system=None).render(turns, [3, 2, 1])
     first = [IM_START, *b("user\n"), IMG, CTX, CTX, CTX, END_IMG, *b("\nWhat is this?"), IM_END]
-    second = [IM_START, *b("user\nAnd "), IMG, CTX, CTX, END_IMG, *b(" with "), IMG, CTX, END_IMG, *b("?"), IM_END]
+    second = [IM_START, *b("user\nAnd "), IMG, CTX, CTX, END_IMG, *b(" with "), IMG, CTX, END_IMG]
+    second += [*b("?"), IM_END]
     expected = (
         [BOS, IM_START, *b("system\nLook closely."), IM_END]
         + first

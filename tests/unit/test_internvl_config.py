@@ -120,7 +120,7 @@ INTERNVL2_2B = {  # OpenGVLab/InternVL2-2B's config.json, every field as release
 }
 
 INERT = {  # fields that change neither the weights, nor the forward pass, nor the data format
-    *(f"{section}.{name}" for section in ("llm_config", "vision_config") for name in GENERIC if name != "pruned_heads"),
+    *(f"{part}.{name}" for part in ("llm_config", "vision_config") for name in GENERIC),
     "_commit_hash", "auto_map", "torch_dtype", "transformers_version",
     "llm_config._name_or_path", "llm_config.attn_implementation", "llm_config.auto_map",
     "llm_config.bos_token_id", "llm_config.eos_token_id", "llm_config.pad_token_id",
@@ -129,7 +129,7 @@ INERT = {  # fields that change neither the weights, nor the forward pass, nor t
     "vision_config.pad_token_id", "vision_config.initializer_range", "vision_config.tie_word_embeddings",
     "vision_config.use_flash_attn",
 }  # fmt: skip
-INERT -= {"llm_config.tie_word_embeddings"}  # InternLM2's embeddings must be untied: refused if tied
+INERT -= {"llm_config.pruned_heads", "vision_config.pruned_heads"}  # pruning changes the weights: refused
 
 
 def _leaves(config: dict, prefix: str = "") -> list[str]:

@@ -122,7 +122,8 @@ def test_dynamic_ntk_against_the_closed_form(length, scaled):
     sequence length; up to M it is θ. Checked at the last positions of the sequence (prefill) and for
     the one new position of a decoding step."""
     window, factor = 4096, 2.0
-    base = THETA * (factor * length / window - (factor - 1)) ** (HEAD_DIM / (HEAD_DIM - 2)) if scaled else THETA
+    stretch = factor * length / window - (factor - 1)
+    base = THETA * stretch ** (HEAD_DIM / (HEAD_DIM - 2)) if scaled else THETA
     rope = V2PERotaryEmbedding(HEAD_DIM, rotary_base=THETA, dynamic_ntk=DynamicNTK(factor, window))
     prefill = rope(torch.arange(length, dtype=torch.float64))[-3:, 0, 0, : HEAD_DIM // 2].double().numpy()
     step = rope(torch.tensor([float(length - 1)]))[0, 0, 0, : HEAD_DIM // 2].double().numpy()
