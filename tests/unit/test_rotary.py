@@ -15,6 +15,7 @@ from megatron_v2pe.v2pe.rotary import (
     apply_rotary,
     inverse_frequencies,
     rotary_angles,
+    sequence_lengths,
 )
 
 HEAD_DIM = 128
@@ -139,3 +140,18 @@ def test_dynamic_ntk_against_the_closed_form(length, scaled):
 def test_dynamic_ntk_needs_a_factor_of_at_least_one():
     with pytest.raises(ValueError, match="factor >= 1"):
         DynamicNTK(0.5, 4096)
+
+
+def test_dynamic_ntk_scales_each_sequence_of_a_pack_by_its_own_length():
+    """A pack of a 5000-token sequence (past the window) and a 300-token one: each rotates with its own
+    base, from its own length, as it would alone."""
+    window, factor, lengths = 4096, 2.0, (5000, 300)
+    positions = torch.cat([torch.arange(n, dtype=torch.float64) for n in lengths])[None]
+    cu = torch.tensor([0, 5000, 5300], dtype=torch.int32)
+    per_token = sequence_lengths(positions, cu)
+    assert per_token[0, :5000].eq(5000).all() and per_token[0, 5000:].eq(300).all()
+    rope = V2PERotaryEmbedding(HEAD_DIM, rotary_base=THETA, dynamic_ntk=DynamicNTK(factor, window))
+    angles = rope(positions, per_token)[:, 0, 0, : HEAD_DIM // 2].double().numpy()
+    long_base = THETA * (factor * 5000 / window - (factor - 1)) ** (HEAD_DIM / (HEAD_DIM - 2))
+    assert _wrapped_error(angles[4998:5000], _exact_angles([4998.0, 4999.0], HEAD_DIM, long_base)).max() < 1e-6
+    assert _wrapped_error(angles[5298:], _exact_angles([298.0, 299.0], HEAD_DIM, THETA)).max() < 1e-6
