@@ -108,6 +108,7 @@ def read_config(hf: dict[str, Any], img_context_token_id: int | None = None) -> 
             patch_size=size(vit["patch_size"]),
             layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
             layer_scale_init=vit.get("layer_scale_init_value", 0.1),
+            select_layer=hf.get("vision_feature_layer", -1),
         )
         rope = llm.get("rope_parameters") or {}
         language = LanguageConfig(
@@ -138,6 +139,10 @@ def read_config(hf: dict[str, Any], img_context_token_id: int | None = None) -> 
         problems.append("vision_config.use_mean_pooling=False adds a final norm InternViT does not have")
     if llm.get("tie_word_embeddings") or hf.get("tie_word_embeddings"):
         problems.append("tied word embeddings: InternLM2's input and output embeddings are separate")
+    if hf.get("vision_feature_select_strategy", "default") != "default":
+        problems.append("vision_feature_select_strategy 'full' keeps the CLS token, which InternVL drops")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        problems.append(f"projector_hidden_act {hf.get('projector_hidden_act')!r}: InternVL's projector is GELU")
     if rope.get("rope_type", "default") != "default":
         problems.append(f"rope_type {rope.get('rope_type')!r}: V2PE uses plain RoPE")
     if problems:
@@ -156,6 +161,8 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
     ``reference`` that do not describe the architecture (e.g. token ids) are kept."""
     from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
 
+    if config.ps_version != "v2":
+        raise ValueError("transformers' InternVL shuffles pixels as ps_version v2; this model uses v1")
     vit, lm = config.vision, config.language
     text = LlamaConfig(
         hidden_size=lm.hidden_size,
@@ -188,6 +195,7 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
         image_token_id=config.img_context_token_id,
         image_seq_length=config.tokens_per_tile,
         downsample_ratio=config.downsample_ratio,
+        vision_feature_layer=vit.select_layer,
         tie_word_embeddings=False,
     ).to_dict()
     hf["architectures"] = ["InternVLForConditionalGeneration"]
