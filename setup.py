@@ -16,7 +16,6 @@ setup(
         "torch>=2.6,<2.15",
         "numpy",
         "einops",
-        "webdataset",
         "braceexpand",
         "sentencepiece",
         "safetensors",

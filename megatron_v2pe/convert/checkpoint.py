@@ -34,6 +34,7 @@ from megatron_v2pe.convert.safetensors_io import (
     copy_tokenizer_files,
     return_freed_memory,
 )
+from megatron_v2pe.errors import OutputExists
 from megatron_v2pe.model.presets import (
     ImageFormat,
     LanguageConfig,
@@ -170,7 +171,7 @@ def hf_to_megatron(
     ``dtype`` defaults to the checkpoint's. Returns the architecture. Nothing is written unless every
     check passes."""
     if Path(output).exists():
-        raise FileExistsError(f"{output} already exists; choose a new output directory")
+        raise OutputExists(f"{output} already exists; choose a new output directory")
     layout = LAYOUTS[layout_name]
     source = SafetensorsSource(hf_dir)
     config = read_hf_config(hf_dir, layout, img_context_token_id)
@@ -222,6 +223,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _checkpoint_config(path: str | Path, config: VLMConfig | None) -> tuple[Path, VLMConfig]:
+    if not Path(path).is_dir():
+        raise ConversionError(str(path), ["the checkpoint directory does not exist; check the path"])
     directory = resolve_checkpoint(path)
     if config is None:
         candidates = [directory / MODEL_CONFIG_FILE, Path(path) / MODEL_CONFIG_FILE]
@@ -260,9 +263,10 @@ def load_megatron(
 
 
 def v2pe_settings(config: VLMConfig, delta_policy: str, trained_window: int) -> dict[str, Any]:
-    """What an exported model records about V2PE (read back by ``hf_positions``)."""
+    """What an exported model records about V2PE (read back by ``hf_positions``); plain ``auto`` is
+    ``auto:<trained_window>``."""
     return {
-        "delta_policy": parse_delta_policy(delta_policy).spec,
+        "delta_policy": parse_delta_policy(delta_policy, default_window=trained_window).spec,
         "delta_candidates": list(DELTA_CANDIDATES),
         "trained_window": trained_window,
         "tokens_per_tile": config.tokens_per_tile,
@@ -404,8 +408,13 @@ def megatron_to_hf(
     sequence length unless given). Tokenizer files come from ``tokenizer``, else the checkpoint's
     ``tokenizer/``."""
     if Path(output).exists():
-        raise FileExistsError(f"{output} already exists; choose a new output directory")
+        raise OutputExists(f"{output} already exists; choose a new output directory")
     directory, config = _checkpoint_config(megatron_dir, config)
+    window = trained_window or config.language.max_sequence_length
+    try:
+        v2pe = v2pe_settings(config, delta_policy or "auto", window)
+    except ValueError as err:
+        raise ConversionError(str(megatron_dir), [str(err)]) from err
     return_freed_memory()
     try:
         metadata = dist_checkpointing.load_tensors_metadata(str(directory))
@@ -416,7 +425,6 @@ def megatron_to_hf(
     problems = _checkpoint_problems(directory, config, dtype)
     if problems:
         raise ConversionError(str(directory), problems)
-    window = trained_window or config.language.max_sequence_length
     bundled = Path(megatron_dir) / TOKENIZER_DIR
     layout = LAYOUTS[layout_name]
     write_hf(
@@ -425,7 +433,7 @@ def megatron_to_hf(
         config,
         output,
         layout_name,
-        v2pe=v2pe_settings(config, delta_policy or f"auto:{window}", window),
+        v2pe=v2pe,
         reference=reference,
         tokenizer=tokenizer or (bundled if bundled.is_dir() else None),
         max_shard_bytes=max_shard_bytes,

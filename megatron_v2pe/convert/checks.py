@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from megatron_v2pe.errors import UsageError
 from megatron_v2pe.model.presets import VLMConfig
 
 NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name", "dynamic_ntk_factor", "image_format"}
@@ -14,11 +15,14 @@ NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name", "dynamic_nt
 and InternLM2's dynamic NTK (δ = 1 inference only; V2PE training drops it)."""
 
 
-class ConversionError(ValueError):
-    """Everything wrong with one conversion's input, listed at once."""
+class ConversionError(UsageError):
+    """Everything wrong with one conversion's input, listed at once (one problem: on one line)."""
 
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"cannot convert {source}: {problems[0]}; nothing was written")
+            return
         listing = "\n".join(f"  - {p}" for p in problems)
         super().__init__(
             f"cannot convert {source}: {len(problems)} problem(s); nothing was written\n{listing}"

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from megatron_v2pe.convert.checkpoint import hf_to_megatron, megatron_to_hf
-from megatron_v2pe.convert.checks import ConversionError
 from megatron_v2pe.convert.layouts import LAYOUTS
+from megatron_v2pe.errors import UsageError, check_paths_exist, positive_int, run_command
 from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import PRESETS, VLMConfig, preset
 
@@ -67,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument(
         "--model-config", help="preset or InternVL2 config; default: the checkpoint's vlm_config.json"
     )
-    to_hf.add_argument("--delta-policy", help="recorded V2PE δ policy (default auto:<trained window>)")
     to_hf.add_argument(
-        "--trained-window", type=int, help="context the model was trained on (default: its max)"
+        "--delta-policy", help="recorded V2PE δ policy: auto[:window], fixed:<δ> or none (default auto)"
+    )
+    to_hf.add_argument(
+        "--trained-window", type=positive_int, help="context the model was trained on (default: its max)"
     )
     to_hf.add_argument(
         "--reference", type=Path, help="the release directory (needed for --hf-layout internvl2)"
@@ -91,37 +93,47 @@ def _ensure_runtime() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return run_command("v2pe-convert-checkpoint", lambda: _convert(args))
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every input path named on the command line exists (before any runtime or model is set up)."""
+    check_paths_exist(args, ("input", "reference", "tokenizer"))
+    model_config = getattr(args, "model_config", None)
+    if model_config is not None and model_config not in PRESETS and not Path(model_config).exists():
+        raise UsageError(
+            f"--model-config {model_config} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
+            "existing config.json or release directory"
+        )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    _check_paths(args)
     dtype = DTYPES[args.dtype] if args.dtype else None
     _ensure_runtime()
-    try:
-        if args.command == "hf-to-megatron":
-            hf_to_megatron(
-                args.input,
-                args.output,
-                args.hf_layout,
-                expected=preset(args.preset) if args.preset else None,
-                dtype=dtype,
-                img_context_token_id=args.img_context_token_id,
-            )
-        else:
-            config = (
-                _model_config(args.model_config, args.img_context_token_id) if args.model_config else None
-            )
-            megatron_to_hf(
-                args.input,
-                args.output,
-                args.hf_layout,
-                config=config,
-                dtype=dtype,
-                delta_policy=args.delta_policy,
-                trained_window=args.trained_window,
-                reference=args.reference,
-                tokenizer=args.tokenizer,
-                max_shard_bytes=args.max_shard_size,
-            )
-    except (ConversionError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.command == "hf-to-megatron":
+        hf_to_megatron(
+            args.input,
+            args.output,
+            args.hf_layout,
+            expected=preset(args.preset) if args.preset else None,
+            dtype=dtype,
+            img_context_token_id=args.img_context_token_id,
+        )
+    else:
+        config = _model_config(args.model_config, args.img_context_token_id) if args.model_config else None
+        megatron_to_hf(
+            args.input,
+            args.output,
+            args.hf_layout,
+            config=config,
+            dtype=dtype,
+            delta_policy=args.delta_policy,
+            trained_window=args.trained_window,
+            reference=args.reference,
+            tokenizer=args.tokenizer,
+            max_shard_bytes=args.max_shard_size,
+        )
     print(f"wrote {args.output}")
     return 0
 

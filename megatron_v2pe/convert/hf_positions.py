@@ -5,7 +5,7 @@ right (fractional) positions, plus an explicit attention mask: without one trans
 other than +1 as the start of a new packed sequence. ``generate`` extends ``position_ids`` by +1 per new
 token, which is V2PE's rule (last prompt position + k). ``use_float64_rotary`` swaps the model's rotary
 module for one that computes angles in float64 and reduces them mod 2π, like ours: float32 positions
-collapse fractional steps at long context (V2PE.md §2).
+collapse fractional steps at long context (README, "Positions are data").
 
 One unpadded prompt per batch row.
 """

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_v2pe.convert.checks import ConversionError
+from megatron_v2pe.errors import OutputExists
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -56,12 +59,27 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begins."""
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begins;
+    a file cut short or with a damaged header is a ConversionError naming it, before any tensor is read."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+        prefix = f.read(8)
+        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (None,)
+        if length is None or 8 + length > size:
+            raise _damaged(path, f"it ends inside its header ({size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise _damaged(path, f"its header is not a safetensors header ({type(err).__name__}: {err})")
+    if 8 + length + end > size:
+        raise _damaged(path, f"it is cut short: its tensors need {8 + length + end} bytes, it has {size}")
     return header, 8 + length
+
+
+def _damaged(path: Path, problem: str) -> ConversionError:
+    return ConversionError(str(path), [f"{problem}; copy or download the file again"])
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -106,19 +124,21 @@ class SafetensorsSource:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
+        if not self.directory.is_dir():
+            raise ConversionError(str(directory), ["the directory does not exist; check the path"])
         if index.is_file():
             self.files = json.loads(index.read_text())["weight_map"]
         elif (self.directory / SINGLE_FILE).is_file():
             self.files = dict.fromkeys(read_header(self.directory / SINGLE_FILE)[0], SINGLE_FILE)
         else:
-            raise FileNotFoundError(f"{self.directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+            raise ConversionError(str(directory), [f"it holds neither {INDEX_FILE} nor {SINGLE_FILE}"])
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def _header(self, file: str) -> tuple[dict, int]:
         if file not in self._headers:
             path = self.directory / file
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is named in {INDEX_FILE} but missing")
+                raise ConversionError(str(self.directory), [f"{file} is named in {INDEX_FILE} but missing"])
             self._headers[file] = read_header(path)
         return self._headers[file]
 
@@ -206,7 +226,7 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
     removed and ``destination`` is never created."""
     destination = Path(destination)
     if destination.exists():
-        raise FileExistsError(f"{destination} already exists; choose a new output directory")
+        raise OutputExists(f"{destination} already exists; choose a new output directory")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:

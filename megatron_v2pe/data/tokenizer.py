@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from megatron_v2pe.errors import UsageError
+
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -64,7 +66,13 @@ class _SentencePieceBackend:
     def __init__(self, model_file: Path, declared: dict[str, int]) -> None:
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as err:  # sentencepiece reports a bad file as RuntimeError
+            raise UsageError(
+                f"{model_file} is not a sentencepiece tokenizer model (it does not parse); give a "
+                "tokenizer.model file such as InternLM2's, or a Hugging Face tokenizer directory"
+            ) from err
         self._declared = declared
         self.size = self._sp.get_piece_size()
         self.bos_id = _non_negative(self._sp.bos_id())
@@ -91,7 +99,7 @@ class _HuggingFaceBackend:
         try:
             self._tok = AutoTokenizer.from_pretrained(str(directory))
         except Exception as err:  # transformers raises many types for unloadable directories
-            raise ValueError(
+            raise UsageError(
                 f"could not load a Hugging Face tokenizer from {directory}: {err}. Tokenizers that need "
                 "remote code are not loaded; point at their sentencepiece tokenizer.model instead"
             ) from err
@@ -211,8 +219,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             return Tokenizer(_SentencePieceBackend(path / "tokenizer.model", _declared_added_tokens(path)))
         if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
             return Tokenizer(_HuggingFaceBackend(path))
-        raise ValueError(f"{path} holds neither a sentencepiece tokenizer.model nor a Hugging Face tokenizer")
-    raise FileNotFoundError(f"tokenizer not found: {path} (give a sentencepiece .model file or a directory)")
+        raise UsageError(f"{path} holds neither a sentencepiece tokenizer.model nor a Hugging Face tokenizer")
+    raise UsageError(f"tokenizer not found: {path} (give a sentencepiece .model file or a directory)")
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str | Path, vocab_size: int = 512) -> Path:

@@ -91,7 +91,7 @@ def _prompt_tokens(tokenizer_path: Path, sample: SynthSample) -> int:
         prompt=sample.conversations[0]["value"],
         images=[encode_png(image) for image in sample.images],
         answer=sample.metadata["answer"],
-        depth=0.0,
+        depths=(0.0,),
         meta_length=None,
         source=sample.key,
     )
@@ -263,12 +263,13 @@ def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -
             records,
             delta_policy=policy,
             teacher_forced=True,
+            length_source="tokens",  # the demo's samples record no context length
             batch_size=1,  # the reference attention masks a whole pack: one prompt per forward is cheapest
             max_tiles=budget,
         )
         built = mmniah.build_prompt(builder, records[0])
         answer = len(built.answer_tokens)
-        (positions,), (deltas,) = prompt_positions(model, [mmniah._prompt(built)], parsed, reserve=answer)
+        (positions,), (deltas,) = prompt_positions(model, [built.to_prompt()], parsed, reserve=answer)
         rows[f"{m}x"] = {
             "multiple": m,
             "accuracy": float(np.mean([r.score for r in results])),

@@ -1,142 +1,138 @@
-"""MM-NIAH scoring rules and their aggregation (V2PE.md §6).
+"""MM-NIAH's rules for scoring one response, in three modes.
 
-Six tasks = {retrieval, counting, reasoning} × {text needle, image needle}. Image-needle retrieval and
-reasoning are multiple choice, counting answers are lists, text-needle retrieval and reasoning are free
-text. Scores are binned by context length and needle depth (5 bins of 0.2): a task's score for one
-length bin is the mean over its depth bins, so every depth weighs the same however many samples it has.
+Six tasks = {retrieval, counting, reasoning} x {text needle, image needle}. The kind of the gold answer
+picks the rule, as in MM-NIAH's ``calculate_scores.py``: an option number (retrieval-image,
+reasoning-image) is multiple choice, a list of counts (counting-text, counting-image) is counting, a text
+(retrieval-text, reasoning-text) is free text. Every rule first strips leading and trailing ``.``.
+
+``official`` (the default) reproduces MM-NIAH's code, faults included, so that published numbers can be
+matched; ``strict`` is the same rules without the faults; ``v2pe`` is the copy V2PE's repository scores
+with (the official rules and faults, and a few additions). Each rule's docstring says where they differ.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
 from typing import Literal
 
+from megatron_v2pe.eval.answer_normaliser import ARTICLES, Mode, contains_words, normalise
+
 AnswerKind = Literal["choice", "counting", "free"]
+MODES: tuple[Mode, ...] = ("official", "strict", "v2pe")
 
 TASK_KINDS: dict[str, AnswerKind] = {
-    "retrieval-text-needle": "free",
-    "counting-text-needle": "counting",
-    "reasoning-text-needle": "free",
-    "retrieval-image-needle": "choice",
-    "counting-image-needle": "counting",
-    "reasoning-image-needle": "choice",
+    "retrieval-text": "free",
+    "retrieval-image": "choice",
+    "counting-text": "counting",
+    "counting-image": "counting",
+    "reasoning-text": "free",
+    "reasoning-image": "choice",
 }
-DEPTH_BINS = 5
 
 
-def parse_choice(response: str, letters: str = "ABCD") -> str | None:
-    """The option letter a response names, or None unless it is exactly one letter once "the answer is",
-    `*` and everything from the first '.' on are removed (surrounding spaces and brackets too)."""
-    text = re.sub(r"the answer is\s*:?", "", response.replace("*", ""), flags=re.IGNORECASE)
-    text = text.split(".", 1)[0].strip().strip("()[]").strip()
-    return text.upper() if len(text) == 1 and text.upper() in letters.upper() else None
+def choice_index(response: str, mode: Mode = "official") -> int | None:
+    """The 0-based option a response names, or None.
+
+    A response of decimal digits only is the option's number counted from 0 (``1``, ``1.``, ``01`` -> B;
+    ``0`` -> A). Otherwise, lower-cased, with "the answer is" and ``*`` removed and, when it holds a
+    ``.``, cut at the first one (commas removed), it must be a single letter (``B``, ``.B``, ``**B**``,
+    ``B. a dog`` -> B; ``(B)``, ``B)``, ``[B]``, ``The answer is: B`` -> None). A response containing
+    "the camera is moving left" / "right" names A / B (a rule the official code carries for another
+    benchmark; v2pe: also a bare ``left`` / ``right``). The official code tests ``str.isdigit``, true for
+    ``²``, and then crashes in ``int``; here such a response names no option.
+    """
+    text = response.strip(".")
+    if text.isdecimal():
+        return int(text)
+    text = text.lower().replace("the answer is", "").replace("*", "")
+    if "." in text:
+        text = text.split(".")[0].replace(",", "")
+    text = text.strip()
+    bare = mode == "v2pe"
+    if "the camera is moving left" in text or (bare and text == "left"):
+        text = "a"
+    elif "the camera is moving right" in text or (bare and text == "right"):
+        text = "b"
+    return ord(text) - ord("a") if len(text) == 1 and "a" <= text <= "z" else None
 
 
-def score_choice(response: str, answer: str, letters: str = "ABCD") -> float:
-    return float(parse_choice(response, letters) == answer.strip().upper())
+def score_choice(response: str, answer: int, mode: Mode = "official") -> float:
+    return float(choice_index(response, mode) == answer)
 
 
-def parse_list(response: str) -> list[int] | None:
-    """The integers of the first [...] in the response, or of the whole response when it has none."""
-    bracketed = re.search(r"\[([^\]]*)\]", response)
-    numbers = re.findall(r"-?\d+", bracketed.group(1) if bracketed else response)
-    return [int(n) for n in numbers] if numbers or bracketed else None
+def parse_counts(response: str) -> list | None:
+    """The list a counting response holds, or None.
+
+    The response (``json`` and code fences removed) must parse as JSON: a list (``[1, 2.0, 3]``), or an
+    object whose values are lists, concatenated in order (``{"a": [1, 2], "b": [3]}``). Anything else is
+    None: ``1, 2, 3``, ``(1, 2, 3)``, ``There are [1, 2, 3]``, ``[1, 2, 3] apples``, a bare ``3``.
+    """
+    text = response.strip(".").replace("json", "").replace("```", "").strip()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict):
+        if not all(isinstance(v, list) for v in value.values()):
+            return None
+        value = [item for v in value.values() for item in v]
+    return value if isinstance(value, list) else None
 
 
-def score_counting(response: str, answer: Sequence[int]) -> float:
-    """Fraction of the answer's positions where the parsed list holds the same count."""
+def score_counting(response: str, answer: Sequence[int], mode: Mode = "official") -> float:
+    """Soft accuracy: the fraction of the answer's positions where the parsed list holds the same count
+    (``1.0`` equals 1; missing positions miss, extra ones are ignored). Official: Python's ``==``, so
+    ``true`` counts as 1 and ``false`` as 0; strict: a boolean is no count."""
     if not answer:
         raise ValueError("a counting answer needs at least one count")
-    predicted = parse_list(response) or []
+    predicted = parse_counts(response) or []
+    if mode == "strict":
+        predicted = [None if isinstance(p, bool) else p for p in predicted]
     return sum(p == a for p, a in zip(predicted, answer)) / len(answer)
 
 
-def normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, runs of whitespace to one space."""
-    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
-    return " ".join(text.split())
+def _v2pe_cut(text: str) -> str:
+    text = text.lower().replace("the answer is", "").replace("*", "")
+    return text.split(".")[0].replace(",", "").strip() if "." in text else text
 
 
-def score_free(response: str, answer: str) -> float:
-    """1 for a normalised exact match or when the answer appears in the response as whole words."""
-    said, gold = normalise(response), normalise(answer)
-    if not gold:
-        raise ValueError(f"free-text answer {answer!r} is empty after normalisation")
-    return float(said == gold or f" {gold} " in f" {said} ")
+def score_free(response: str, answer: str, mode: Mode = "official") -> float:
+    """1 when the normalised answer occurs in the normalised response as whole words (see
+    ``answer_normaliser``): ``the Eiffel Tower`` = ``Eiffel Tower``, ``3`` = ``three``, ``1,000`` =
+    ``1000``, ``U.S.A.`` = ``USA``; ``10:30`` != ``10 30``, ``3.5`` != ``3 5``, ``$5`` != ``5``.
+    Official: a gold of articles only (``A``) normalises to nothing, which matches any response with a
+    word character in it (and not itself); strict keeps the articles on both sides for such a gold.
+    V2PE's copy first scores 1 when both, lower-cased, without "the answer is" and ``*`` and cut at the
+    first ``.``, are equal (a cut response is stripped, an uncut gold is not)."""
+    if mode == "v2pe" and _v2pe_cut(response.strip(".")).strip() == _v2pe_cut(answer):
+        return 1.0
+    with_articles = normalise(answer, mode, drop_articles=False)
+    keep = mode == "strict" and bool(with_articles) and set(with_articles.split()) <= ARTICLES
+    gold = with_articles if keep else normalise(answer, mode)
+    if mode == "strict" and not gold:
+        return 0.0
+    said = normalise(response.strip("."), mode, drop_articles=not keep)
+    return float(contains_words(said, gold, mode))
 
 
-def score_response(task: str, response: str, answer: str | Sequence[int]) -> float:
+def score_response(
+    task: str, response: str, answer: str | int | Sequence[int], mode: Mode = "official"
+) -> float:
     """The score in [0, 1] of one response under its task's rule."""
     kind = TASK_KINDS.get(task)
     if kind is None:
         raise ValueError(f"unknown MM-NIAH task {task!r}; expected one of {sorted(TASK_KINDS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; expected one of {list(MODES)}")
     if kind == "counting":
-        return score_counting(response, answer)
+        if isinstance(answer, str | int):
+            raise TypeError(f"task {task!r} needs a list of counts, got {answer!r}")
+        return score_counting(response, answer, mode)
+    if kind == "choice":
+        if not isinstance(answer, int) or isinstance(answer, bool):
+            raise TypeError(f"task {task!r} needs a 0-based option number, got {answer!r}")
+        return score_choice(response, answer, mode)
     if not isinstance(answer, str):
         raise TypeError(f"task {task!r} needs a text answer, got {answer!r}")
-    return score_choice(response, answer) if kind == "choice" else score_free(response, answer)
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One scored sample: its task, context length (tokens), needle depth in [0, 1] and score."""
-
-    task: str
-    context_length: int
-    depth: float
-    score: float
-
-
-def depth_bin(depth: float) -> int:
-    """Bin 0..4 of a needle depth: [0, 0.2), …, [0.8, 1] (1.0 goes to the last bin)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"needle depth must lie in [0, 1], got {depth}")
-    return min(int(round(depth * DEPTH_BINS, 9)), DEPTH_BINS - 1)
-
-
-def length_bin(length: int, edges: Sequence[int]) -> int:
-    """Index i of the bin edges[i] <= length < edges[i + 1] (the last bin is open-ended)."""
-    if not edges or length < edges[0]:
-        raise ValueError(f"context length {length} is below the first length bin edge {list(edges)[:1]}")
-    return sum(length >= e for e in edges) - 1
-
-
-@dataclass(frozen=True)
-class Report:
-    """``cells[task][length_bin][depth_bin]``: mean score of the samples there (the heatmap);
-    ``per_length[task][length_bin]``: mean over the non-empty depth bins; ``per_task``: mean over length
-    bins; ``overall``: mean over the tasks."""
-
-    cells: dict[str, dict[int, dict[int, float]]]
-    per_length: dict[str, dict[int, float]]
-    per_task: dict[str, float]
-    overall: float
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
-def aggregate(samples: Iterable[Scored], length_edges: Sequence[int]) -> Report:
-    """Bin scored samples by task, length and depth and average as MM-NIAH does."""
-    grouped: dict[str, dict[int, dict[int, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for s in samples:
-        if s.task not in TASK_KINDS:
-            raise ValueError(f"unknown MM-NIAH task {s.task!r}; expected one of {sorted(TASK_KINDS)}")
-        grouped[s.task][length_bin(s.context_length, length_edges)][depth_bin(s.depth)].append(s.score)
-    if not grouped:
-        raise ValueError("no scored samples to aggregate")
-    cells = {
-        t: {lb: {db: _mean(v) for db, v in sorted(d.items())} for lb, d in sorted(ls.items())}
-        for t, ls in grouped.items()
-    }
-    per_length = {t: {lb: _mean(d.values()) for lb, d in ls.items()} for t, ls in cells.items()}
-    per_task = {t: _mean(ls.values()) for t, ls in per_length.items()}
-    return Report(cells, per_length, per_task, _mean(per_task.values()))
+    return score_free(response, answer, mode)

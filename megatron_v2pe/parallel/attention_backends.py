@@ -1,4 +1,4 @@
-"""Choosing the core-attention backend (DESIGN.md contract 5).
+"""Choosing the core-attention backend: one interface, three implementations.
 
 ``te``: Transformer Engine (GPU; FP8, context parallel, packed THD) — production.
 ``torch``: PyTorch kernels for GPUs without TE (varlen flash attention / FlexAttention / SDPA).

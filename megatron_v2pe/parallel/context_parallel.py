@@ -1,4 +1,4 @@
-"""Context parallelism over packed sequences (DESIGN.md contract 4).
+"""Context parallelism over packed sequences.
 
 Every sub-sample of a pack, padded to a multiple of 2·CP, is split on its own into 2·CP equal chunks;
 rank r keeps chunks r and 2·CP-1-r (the zigzag that balances causal attention work, and the layout

@@ -1,13 +1,12 @@
-"""Megatron-Core on a CPU-only host.
+"""Megatron-Core on a CPU-only host, for as long as the parallel runtime is up.
 
 Megatron-Core assumes a GPU in a few places: it asks for ``torch.cuda.current_device()``, places small
 bookkeeping tensors on ``"cuda"``, pins host memory, and keeps its RNG tracker in CUDA generator states.
-On a host without CUDA those calls raise. ``install()`` redirects them to the CPU so that the same
+On a host without CUDA those calls raise. ``enter()`` redirects them to the CPU so that the same
 Megatron-Core code paths (tensor, pipeline, context and data parallel over gloo) run unchanged in tests
-and in the CPU demo. Without CUDA there is no Transformer Engine or apex either, so Megatron-Core falls
-back to ``torch.optim.AdamW``; where that fallback breaks checkpointing of the distributed optimizer,
-it is mended here too. It does nothing when CUDA is available, and nothing else in the code base needs
-to know about it: ``megatron_v2pe.parallel.initialize`` calls it.
+and in the CPU demo; ``exit()`` puts everything back, so that after it ``device="cuda"`` fails and CPU
+tensors report CPU types again. Both do nothing when CUDA is available. Only
+``megatron_v2pe.parallel.initialize`` and ``destroy_model_parallel`` call them.
 """
 
 from __future__ import annotations
@@ -15,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _lock = threading.Lock()
-_installed = False
 _CPU = torch.device("cpu")
+_active: list[tuple[TorchFunctionMode, Callable[[], None]]] = []  # the entered mode and how to undo the rest
 
 
 def _is_cuda(device) -> bool:
@@ -73,88 +73,75 @@ class _HostStream:
         pass
 
 
-def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: _CPU
-    cuda.set_device = lambda *_a, **_k: None
-    cuda.synchronize = lambda *_a, **_k: None
-    cuda.get_rng_state = _cpu_rng_state
-    cuda.set_rng_state = _set_cpu_rng_state
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed has already seeded the CPU
-    cuda.max_memory_allocated = lambda *_a, **_k: 0
-    cuda.memory_allocated = lambda *_a, **_k: 0
-    cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
-    cuda.current_stream = lambda *_a, **_k: _HostStream()
-    cuda.empty_cache = lambda: None
+def _patch(owner, replacements: dict) -> Callable[[], None]:
+    """Replace attributes of ``owner``; returns the function that puts the originals back."""
+    originals = {name: getattr(owner, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(owner, name, value)
+
+    def restore() -> None:
+        for name, value in originals.items():
+            setattr(owner, name, value)
+
+    return restore
 
 
-def _patch_megatron_rng() -> None:
+def _patch_torch_cuda() -> Callable[[], None]:
+    return _patch(torch.cuda, {
+        "current_device": lambda: _CPU,
+        "set_device": lambda *_a, **_k: None,
+        "synchronize": lambda *_a, **_k: None,
+        "get_rng_state": _cpu_rng_state,
+        "set_rng_state": _set_cpu_rng_state,
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(seed),
+        "manual_seed_all": lambda seed: None,  # torch.manual_seed has already seeded the CPU
+        "max_memory_allocated": lambda *_a, **_k: 0,
+        "memory_allocated": lambda *_a, **_k: 0,
+        "stream": lambda *_a, **_k: contextlib.nullcontext(),
+        "current_stream": lambda *_a, **_k: _HostStream(),
+        "empty_cache": lambda: None,
+    })
+
+
+def _cpu_rng_warning(record: logging.LogRecord) -> bool:
+    return "CPU RNG state changed" not in record.getMessage()
+
+
+def _patch_megatron_rng() -> Callable[[], None]:
     """Megatron's RNG tracker forks 'device' generator states; on the CPU that is the CPU generator."""
     from megatron.core.tensor_parallel import random as mcore_random
 
-    mcore_random._get_cuda_rng_state = _cpu_rng_state
-    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    restore = _patch(mcore_random, {"_get_cuda_rng_state": _cpu_rng_state,
+                                    "_set_cuda_rng_state": _set_cpu_rng_state})
     # The tracker warns when the CPU state changes inside a fork: here that is the forked state itself.
-    logging.getLogger(mcore_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed" not in record.getMessage()
-    )
+    logger = logging.getLogger(mcore_random.__name__)
+    logger.addFilter(_cpu_rng_warning)
+
+    def undo() -> None:
+        logger.removeFilter(_cpu_rng_warning)
+        restore()
+
+    return undo
 
 
-def _patch_distributed_optimizer_torch_adam() -> None:
-    """Checkpointing Megatron's distributed optimizer around torch's AdamW (its fallback without TE or
-    apex). torch keeps ``step`` as a per-parameter state tensor, while TE's and apex's FusedAdam keep it
-    in the param group, and Megatron's torch-fallback code mishandles it:
-
-    - ``state_dict`` reads ``step`` from the per-parameter states, which torch creates lazily at the
-      first ``step()``: before it (a fresh optimizer about to load a checkpoint) the read fails.
-      Create the states as torch's AdamW does at its first step (step 0, zero moments).
-    - loading leaves ``step`` out of the checkpointed parameter state and restores it from the param
-      groups, as one tensor shared by every parameter (AdamW then increments it once per parameter,
-      so a resumed run diverges), and then copies every state tensor from the checkpoint, ``step``
-      included: KeyError 'step'. Give each parameter its own copy of the restored ``step`` and copy
-      only what the checkpoint holds.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    state_dict = DistributedOptimizer.state_dict
-    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def state_dict_with_created_states(self):
-        if isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
-            for group in self.optimizer.param_groups:
-                for param in group["params"]:
-                    if not self.optimizer.state[param]:
-                        self.optimizer.state[param] = {
-                            "step": torch.tensor(0.0),
-                            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                        }
-        return state_dict(self)
-
-    def set_checkpointed_states(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()  # one tensor per parameter, as torch keeps it
-            tensors = {"step": state["step"], **tensors}  # the checkpoint has none: keep the restored one
-        set_states(self, model_param, tensors)
-
-    DistributedOptimizer.state_dict = state_dict_with_created_states
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_checkpointed_states
-
-
-def install() -> bool:
-    """Make Megatron-Core usable without CUDA; returns True when the CPU runtime is active."""
-    global _installed
+def enter() -> bool:
+    """Make Megatron-Core usable without CUDA until ``exit()``; returns True when the CPU runtime is
+    active. Entering again while active changes nothing."""
     if torch.cuda.is_available():
         return False
     with _lock:
-        if not _installed:
-            _patch_torch_cuda()
-            _patch_megatron_rng()
-            _patch_distributed_optimizer_torch_adam()
-            _CudaToCpu().__enter__()
-            _installed = True
+        if not _active:
+            undo_cuda, undo_rng = _patch_torch_cuda(), _patch_megatron_rng()
+            mode = _CudaToCpu()
+            mode.__enter__()
+            _active.append((mode, lambda: (undo_rng(), undo_cuda())))
     return True
+
+
+def exit() -> None:
+    """Undo ``enter()``: torch.cuda and Megatron's RNG hooks are the originals again."""
+    with _lock:
+        while _active:
+            mode, undo = _active.pop()
+            mode.__exit__(None, None, None)
+            undo()

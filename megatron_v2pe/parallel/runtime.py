@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_v2pe.parallel import cpu_runtime
+from megatron_v2pe.parallel import cpu_runtime, torch_adamw_checkpoint
 
 
 def initialize(
@@ -22,8 +22,10 @@ def initialize(
     timeout_minutes: int = 10,
 ) -> None:
     """Start torch.distributed (from torchrun's environment, or as a single process) and Megatron's
-    model-parallel groups, and seed the model-parallel RNG tracker."""
-    on_cpu = cpu_runtime.install()
+    model-parallel groups, and seed the model-parallel RNG tracker. On a host without CUDA the CPU
+    runtime is active from here until ``destroy_model_parallel``."""
+    torch_adamw_checkpoint.install()
+    on_cpu = cpu_runtime.enter()
     if not dist.is_initialized():
         # torchrun and the Slurm launchers set MASTER_ADDR/MASTER_PORT; a lone process picks a free
         # port without writing it to the environment, where its own subprocesses would inherit it.
@@ -65,8 +67,10 @@ def current_device() -> torch.device:
 
 
 def destroy_model_parallel() -> None:
-    """Tear down Megatron's groups (keeps torch.distributed up, so another layout can follow)."""
+    """Tear down Megatron's groups and leave the CPU runtime (keeps torch.distributed up, so another
+    layout can follow)."""
     parallel_state.destroy_model_parallel()
+    cpu_runtime.exit()
 
 
 def _free_port() -> int:

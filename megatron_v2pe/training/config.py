@@ -12,19 +12,31 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from megatron_v2pe.data.packing import padding_multiple
-from megatron_v2pe.data.source import expand_urls
+from megatron_v2pe.data.loader import DataConfig
+from megatron_v2pe.data.packing import MAX_PACK_TOKENS, padding_multiple
+from megatron_v2pe.data.probe import PACK_LIMITS, skips_before_first_fit
+from megatron_v2pe.data.source import DatasetUnreadable, expand_urls
+from megatron_v2pe.errors import UsageError
+from megatron_v2pe.parallel.attention_backends import resolve_attention_backend
 from megatron_v2pe.parallel.fp8 import FP8_RECIPES, fp8_transformer_overrides
+from megatron_v2pe.v2pe.positions import parse_delta_policy
+
+if TYPE_CHECKING:
+    from megatron_v2pe.data.tokenizer import Tokenizer
+    from megatron_v2pe.model.presets import VLMConfig
+
+PROBE_SAMPLES = 16
+"""Samples of each dataset read before training to see that the pack limits let some in."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration that cannot run; the message says which key to change."""
 
 
@@ -36,12 +48,12 @@ class ModelSection:
     img_context_token_id: int | None = None  # tiny only; default: the tokenizer's <IMG_CONTEXT>
     vision_drop_path_rate: float | None = None  # InternViT stochastic depth; None keeps the preset's
     rotary_base: float | None = None  # the language model's RoPE base; None keeps the preset's (1e6)
-    attention_backend: str = "auto"  # auto | te | torch | reference
+    attention_backend: Literal["auto", "te", "torch", "reference"] = "auto"
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_language: bool = False
-    recompute_granularity: str | None = None  # None | full | selective (activation checkpointing)
-    recompute_method: str = "uniform"
+    recompute_granularity: Literal["full", "selective"] | None = None  # activation checkpointing
+    recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = 1
 
 
@@ -68,12 +80,12 @@ class DataSection:
     max_seq_len: int = 32768  # tokens per pack (after padding)
     max_tiles: int = 128  # tiles per pack
     max_image_tiles: int | None = None  # grid tiles per image (max_dynamic_patch); None: the model's
-    tile_budget: str | None = None  # per_image (V2PE's recipe) | per_sample (InternVL's); None: the model's
+    tile_budget: Literal["per_image", "per_sample"] | None = None  # per_image: V2PE's recipe; None: the model's
     pad_multiple: int | None = None  # sub-sample padding; None: the layout's (packing.padding_multiple).
     # Fix it to the largest layout a run will move between, so that packs do not change on resharding.
     delta_policy: str = "random"  # none | fixed:<δ> | random | auto:<window>
-    loss_weighting: str = "square"  # square (1/sqrt(n) per sub-sample, the paper's) | token
-    over_long: str = "drop"  # drop | truncate
+    loss_weighting: Literal["square", "token"] = "square"  # square: 1/sqrt(n) per sub-sample, the paper's
+    over_long: Literal["drop", "truncate"] = "drop"
     pack_buffer_size: int = 32
     shuffle_buffer: int = 64
     num_workers: int = 2
@@ -86,16 +98,16 @@ class TrainingSection:
     micro_batch_size: int = 1  # packs per micro-batch: always 1 (one THD pack)
     seed: int = 1234
     bf16: bool = False  # on a CPU-only host training runs in fp32
-    fp8: str | None = None  # FP8 recipe: None | delayed | tensorwise | blockwise (TE on Hopper+)
+    fp8: Literal[FP8_RECIPES] | None = None  # FP8 recipe (TE on Hopper+)
     exit_signal_handler: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 0
 
 
 @dataclass
 class OptimizerSection:
-    optimizer: str = "adam"  # AdamW (decoupled weight decay), as Megatron-Core names it
+    optimizer: Literal["adam"] = "adam"  # AdamW (decoupled weight decay), as Megatron-Core names it
     lr: float = 1e-4
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
     lr_warmup_fraction: float | None = None  # of train_iters; else lr_warmup_iters
     lr_warmup_iters: int = 0
     lr_warmup_init: float = 0.0
@@ -114,7 +126,7 @@ class CheckpointSection:
     pretrained_checkpoint: str | None = None  # model weights only (e.g. a converted HF model)
     keep_last: int | None = None  # delete older checkpoints; None keeps all
     async_save: bool = False
-    optimizer_sharding: str = "fully_reshardable"  # fully_reshardable | dp_reshardable
+    optimizer_sharding: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
 
 @dataclass
@@ -185,10 +197,16 @@ def _merge(base: dict, path: Sequence[str], value: Any) -> None:
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """``value`` as type ``hint`` (ints are accepted for floats), or a ConfigError naming the key."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where} is {value!r}; choose one of {typing.get_args(hint)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        if len(options) == 2 and type(None) in options:  # Optional[X]: X's own message
+            return _check_type(value, next(o for o in options if o is not type(None)), where)
         for option in options:
             if option is not type(None):
                 try:
@@ -234,13 +252,32 @@ def _build(cls: type, values: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {err}") from err
 
 
+def _where(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _read_yaml(path: Path) -> dict:
+    """The sections of a YAML file; a missing file or bad syntax is named with its line."""
+    if not path.is_file():
+        raise ConfigError(f"the configuration file {path} does not exist; check the --config path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as err:
+        started = f" ({err.context} started at {_where(err.context_mark)})" if err.context_mark else ""
+        raise ConfigError(
+            f"{path}, {_where(err.problem_mark)}: not valid YAML: {err.problem}{started}; "
+            "fix the syntax there"
+        ) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({err}); fix the syntax") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The YAML file (if any) with ``section.key=value`` overrides applied (values parsed as YAML)."""
-    raw: dict = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -257,17 +294,34 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 # Validation: before any work
 
 
-_CHOICES = {
-    "model.attention_backend": ("auto", "te", "torch", "reference"),
-    "model.recompute_granularity": (None, "full", "selective"),
-    "model.recompute_method": ("uniform", "block"),
-    "data.loss_weighting": ("square", "token"),
-    "data.over_long": ("drop", "truncate"),
-    "data.tile_budget": (None, "per_image", "per_sample"),
-    "training.fp8": (None, *FP8_RECIPES),
-    "optimizer.optimizer": ("adam",),
-    "optimizer.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root"),
-    "checkpoint.optimizer_sharding": ("fully_reshardable", "dp_reshardable"),
+_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # key: (test of a set value, what the value must be); None (where allowed) always passes
+    "model.vocab_size": (lambda v: v >= 1, ">= 1"),
+    "model.img_context_token_id": (lambda v: v >= 0, ">= 0"),
+    "model.vision_drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.rotary_base": (lambda v: v > 1, "> 1 (InternLM2: 1e6)"),
+    "model.recompute_num_layers": (lambda v: v >= 1, ">= 1"),
+    "data.max_seq_len": (lambda v: 1 <= v <= MAX_PACK_TOKENS, f"in [1, {MAX_PACK_TOKENS}] (tokens per pack)"),
+    "data.max_tiles": (lambda v: v >= 1, ">= 1 (image tiles per pack)"),
+    "data.max_image_tiles": (lambda v: v >= 1, ">= 1, or null for the model's"),
+    "data.pad_multiple": (lambda v: v >= 1, ">= 1, or null for the layout's"),
+    "data.pack_buffer_size": (lambda v: v >= 1, ">= 1"),
+    "data.shuffle_buffer": (lambda v: v >= 0, ">= 0 (0: no shuffling)"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0 (0: read in the training process)"),
+    "training.train_iters": (lambda v: v >= 1, ">= 1"),
+    "optimizer.lr": (lambda v: v > 0, "> 0"),
+    "optimizer.lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1], or null to use lr_warmup_iters"),
+    "optimizer.lr_warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "optimizer.lr_warmup_init": (lambda v: v >= 0, ">= 0"),
+    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0 (0: no weight decay)"),
+    "optimizer.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1) (usually 0.9)"),
+    "optimizer.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1) (usually 0.95 to 0.999)"),
+    "optimizer.adam_eps": (lambda v: v > 0, "> 0 (usually 1e-8)"),
+    "optimizer.clip_grad": (lambda v: v >= 0, ">= 0 (the gradient-norm bound; 0 turns clipping off)"),
+    "checkpoint.save_interval": (lambda v: v >= 1, ">= 1, or null to save only at the end"),
+    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1, or null to keep every checkpoint"),
+    "logging.log_interval": (lambda v: v >= 1, ">= 1"),
+    "logging.peak_flops_per_gpu": (lambda v: v > 0, "> 0"),
 }
 
 
@@ -278,13 +332,17 @@ def _get(config: TrainConfig, dotted: str) -> Any:
 
 def validate(config: TrainConfig, world_size: int) -> None:
     """Raise ConfigError with what to change if ``config`` cannot run on ``world_size`` processes."""
-    for key, choices in _CHOICES.items():
-        if _get(config, key) not in choices:
-            raise ConfigError(f"{key} is {_get(config, key)!r}; choose one of {choices}")
-    if config.model.rotary_base is not None and not config.model.rotary_base > 1:
-        raise ConfigError(f"model.rotary_base is {config.model.rotary_base}; it must be > 1 (InternLM2: 1e6)")
+    _build(TrainConfig, config.to_dict(), "")  # types and choices, also of a config built in code
+    for key, (test, requirement) in _LIMITS.items():
+        value = _get(config, key)
+        if value is not None and not test(value):
+            raise ConfigError(f"{key} is {value!r}; it must be {requirement}")
+    for key in ("model.hf_config", "checkpoint.pretrained_checkpoint"):
+        path = _get(config, key)
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"{key} {path} does not exist; check the path or set it to null")
     _validate_parallel(config, world_size)
-    _validate_precision(config)
+    _validate_host(config)
     _validate_data(config)
     _validate_schedule(config)
 
@@ -333,13 +391,24 @@ def _validate_parallel(config: TrainConfig, world_size: int) -> None:
         )
 
 
-def _validate_precision(config: TrainConfig) -> None:
+def _validate_host(config: TrainConfig) -> None:
+    """What this machine must provide: the attention kernels and FP8 support asked for."""
+    backend = config.model.attention_backend
+    try:
+        resolve_attention_backend(backend)
+    except ImportError as err:
+        raise ConfigError(
+            f"model.attention_backend={backend}: {str(err).rstrip('.')}; or set model.attention_backend "
+            "to auto"
+        ) from err
     if config.training.fp8 is None:
         return
     try:
         fp8_transformer_overrides(config.training.fp8)
     except (ImportError, RuntimeError) as err:
-        raise ConfigError(f"training.fp8={config.training.fp8}: {err}; or set training.fp8 to null") from err
+        raise ConfigError(
+            f"training.fp8={config.training.fp8}: {str(err).rstrip('.')}; or set training.fp8 to null"
+        ) from err
     if not config.training.bf16:
         raise ConfigError("training.fp8 runs on top of bf16; set training.bf16 to true")
 
@@ -374,9 +443,22 @@ def _validate_data(config: TrainConfig) -> None:
             f"data.tokenizer {d.tokenizer} does not exist; give a sentencepiece .model file "
             "or a tokenizer directory (tools/synth_data.py --tokenizer makes a demo one)"
         )
-    if not d.datasets:
+    try:
+        parse_delta_policy(d.delta_policy)
+    except ValueError as err:
+        raise ConfigError(f"data.delta_policy: {err}") from err
+    _validate_datasets(d.datasets)
+
+
+def _validate_datasets(datasets: list[DatasetEntry]) -> None:
+    if not datasets:
         raise ConfigError("data.datasets is empty; list shard patterns, directories or manifest.json files")
-    for i, dataset in enumerate(d.datasets):
+    for i, dataset in enumerate(datasets):
+        if not dataset.weight > 0:
+            raise ConfigError(
+                f"data.datasets[{i}].weight is {dataset.weight}; weights must be > 0 (their share of the "
+                "mix); remove the dataset to leave it out"
+            )
         try:
             urls = expand_urls(dataset.shards)
         except (OSError, ValueError) as err:
@@ -391,16 +473,56 @@ def _validate_data(config: TrainConfig) -> None:
 
 
 def _validate_schedule(config: TrainConfig) -> None:
-    t, o, c = config.training, config.optimizer, config.checkpoint
-    if t.train_iters < 1:
-        raise ConfigError(f"training.train_iters must be >= 1, got {t.train_iters}")
-    if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
-        raise ConfigError(f"optimizer.lr_warmup_fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+    o = config.optimizer
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"need 0 <= optimizer.min_lr <= optimizer.lr, got {o.min_lr} and {o.lr}")
-    if c.save_interval is not None and c.save_interval < 1:
-        raise ConfigError(f"checkpoint.save_interval must be >= 1 or null, got {c.save_interval}")
-    if c.keep_last is not None and c.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last must be >= 1 or null, got {c.keep_last}")
-    if config.logging.log_interval < 1:
-        raise ConfigError(f"logging.log_interval must be >= 1, got {config.logging.log_interval}")
+
+
+def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
+    """Raise ConfigError if the model does not split over the parallel layout the way Megatron-Core
+    requires (it would assert on every rank, after the process groups are up)."""
+    p = config.parallel
+    tp = p.tensor_model_parallel_size
+    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+    lm, vit = vlm.language, vlm.vision
+    tp_name, stages_name = "tensor_model_parallel_size", "pipeline stages (pipeline x virtual pipeline size)"
+    rules = [  # (what, size, divisor, name of the divisor)
+        ("language model attention heads", lm.num_attention_heads, tp, tp_name),
+        ("language model query groups", lm.num_query_groups, tp, tp_name),
+        ("language model FFN hidden size", lm.ffn_hidden_size, tp, tp_name),
+        ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
+        ("vocabulary", lm.vocab_size, tp, tp_name),
+        ("vision attention heads", vit.num_attention_heads, tp, tp_name),
+        ("vision FFN hidden size", vit.ffn_hidden_size, tp, tp_name),
+        ("language model layers", lm.num_layers, stages, stages_name),
+    ]
+    for what, size, divisor, name in rules:
+        if size % divisor:
+            fix = (
+                f"set model.vocab_size to a multiple of {divisor} (padding ids are never produced)"
+                if what == "vocabulary"
+                else f"choose {name} dividing {size}"
+            )
+            raise ConfigError(
+                f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; {fix}"
+            )
+
+
+def validate_samples(config: TrainConfig, data: DataConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> None:
+    """Raise ConfigError when none of the first samples of a dataset fits a pack of data.max_seq_len
+    tokens and data.max_tiles tiles: training would skip them all, after building the model."""
+    d = config.data
+    for i, entry in enumerate(d.datasets):
+        try:
+            skipped = skips_before_first_fit(data, vlm, tokenizer, i, PROBE_SAMPLES)
+        except DatasetUnreadable as err:
+            raise ConfigError(f"data.datasets[{i}] ({entry.shards}): {err}") from err
+        if skipped and any(reason in skipped for reason in PACK_LIMITS):
+            raise ConfigError(
+                f"none of the first {sum(skipped.values())} samples of data.datasets[{i}] "
+                f"({entry.shards}) fits a pack of data.max_seq_len {d.max_seq_len} tokens and "
+                f"data.max_tiles {d.max_tiles} tiles (skipped: "
+                + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+                + "); raise data.max_seq_len or data.max_tiles"
+                + (", or set data.over_long to truncate" if d.over_long == "drop" else "")
+            )

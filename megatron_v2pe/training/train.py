@@ -35,6 +35,7 @@ from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.errors import UsageError, run_command
 from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import (
     VLMConfig,
@@ -49,7 +50,14 @@ from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.parallel.fp8 import fp8_transformer_overrides
 from megatron_v2pe.parallel.runtime import current_device
 from megatron_v2pe.training.checkpointing import Checkpointer, load_model_weights
-from megatron_v2pe.training.config import ConfigError, TrainConfig, load_config, validate
+from megatron_v2pe.training.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    validate,
+    validate_architecture,
+    validate_samples,
+)
 from megatron_v2pe.training.progress import Progress, StepRecord, StepTimer, global_batch_counts
 from megatron_v2pe.training.step import forward_backward
 
@@ -86,12 +94,6 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
     check_tokenizer_matches(tokenizer, vlm)
-    tp = config.parallel.tensor_model_parallel_size
-    if vlm.language.vocab_size % tp:
-        raise ValueError(
-            f"the vocabulary ({vlm.language.vocab_size}) does not split over tensor_model_parallel_size "
-            f"{tp}; set model.vocab_size to a multiple of {tp} (padding ids are never produced)"
-        )
     return vlm
 
 
@@ -259,14 +261,26 @@ class ExitSignals:
 # The run
 
 
-def train(config: TrainConfig) -> RunResult:
-    """Validate, set up, resume if a checkpoint exists, and train to ``training.train_iters``."""
+def preflight(config: TrainConfig) -> tuple[VLMConfig, Tokenizer]:
+    """(architecture, tokenizer), after every check that needs no process group, model or data
+    loader: the configuration, the tokenizer, the model against the layout, the first samples."""
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except UsageError as err:
+        raise ConfigError(f"data.tokenizer: {err}") from err
     try:
         vlm = model_config(config, tokenizer)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    validate_architecture(config, vlm)
+    validate_samples(config, data_config(config), vlm, tokenizer)
+    return vlm, tokenizer
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Validate, set up, resume if a checkpoint exists, and train to ``training.train_iters``."""
+    vlm, tokenizer = preflight(config)
     p, t = config.parallel, config.training
     initialize(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -392,11 +406,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path, overrides = parse_args(argv)
-    try:
-        result = train(load_config(path, overrides))
-    except ConfigError as err:
-        print(f"v2pe-train: configuration error: {err}", file=sys.stderr)
-        return 2
+    return run_command("v2pe-train", lambda: _run(load_config(path, overrides)))
+
+
+def _run(config: TrainConfig) -> int:
+    result = train(config)
     if dist.is_initialized():
         dist.destroy_process_group()
     logger.info(

@@ -1,8 +1,8 @@
 """V2PE token positions and the policies that pick δ for each image.
 
-Every token of a sample gets a real-valued position (V2PE.md §1): p_0 = 0, then each text token adds 1 and
-each visual token adds the δ of its image (0 < δ ≤ 1). One image is one maximal run of visual tokens and
-all its tiles share one δ. Packed sequences restart positions at 0 in every sub-sample.
+Every token of a sample gets a real-valued position (V2PE, arXiv 2412.09616): p_0 = 0, then each text
+token adds 1 and each visual token adds the δ of its image (0 < δ ≤ 1). One image is one maximal run of
+visual tokens and all its tiles share one δ. Packed sequences restart positions at 0 in every sub-sample.
 
 Positions are float64 and computed in closed form per constant run of tokens, never by a long running
 sum of float increments: with dyadic δ (the candidates below) every position is then exact, even for
@@ -337,24 +337,30 @@ _VALID_SPECS = (
 )
 
 
-def _parse_delta(text: str, spec: str) -> float:
+def _parse_delta(text: str) -> float:
     try:
         return float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"bad δ {text!r} in δ policy {spec!r}; write e.g. 0.25 or 1/4") from None
+        raise ValueError(f"bad δ {text!r}, write e.g. 0.25 or 1/4") from None
 
 
-def parse_delta_policy(spec: str) -> DeltaPolicy:
-    """The policy named by a config string: none | fixed:<δ> | random[:<δ>,...] | auto:<window>."""
+def parse_delta_policy(spec: str, default_window: int | None = None) -> DeltaPolicy:
+    """The policy named by a config string: none | fixed:<δ> | random[:<δ>,...] | auto:<window>, and
+    plain ``auto`` where the caller knows the window (``default_window``: the trained context)."""
     kind, _, arg = spec.strip().partition(":")
-    if kind == "none" and not arg:
-        return UnitDelta()
-    if kind == "fixed" and arg:
-        return FixedDelta(_parse_delta(arg, spec))
-    if kind == "random":
-        return RandomDelta(tuple(_parse_delta(a, spec) for a in arg.split(","))) if arg else RandomDelta()
-    if kind == "auto" and arg.strip().isdigit():
-        return AutoDelta(int(arg))
+    try:
+        if kind == "none" and not arg:
+            return UnitDelta()
+        if kind == "fixed" and arg:
+            return FixedDelta(_parse_delta(arg))
+        if kind == "random":
+            return RandomDelta(tuple(_parse_delta(a) for a in arg.split(","))) if arg else RandomDelta()
+        if kind == "auto" and arg.strip().isdigit():
+            return AutoDelta(int(arg))
+        if spec.strip() == "auto" and default_window is not None:
+            return AutoDelta(default_window)
+    except ValueError as err:
+        raise ValueError(f"bad δ policy {spec!r}: {err}; valid forms: {_VALID_SPECS}") from None
     raise ValueError(f"unknown δ policy {spec!r}; valid forms: {_VALID_SPECS}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_together(tmp_path, 
         ]
     )
     message = capsys.readouterr().err
-    assert code == 1 and "3 problem(s)" in message
+    assert code == 2 and "3 problem(s)" in message
     assert "missing tensor language_model.model.layers.1.feed_forward.w3.weight (shape (160, 64))" in message
     assert "unexpected tensor language_model.model.layers.0.attention.rotary_emb.inv_freq" in message
     assert "shape mismatch mlp1.1.weight: (64, 255) in the checkpoint, (64, 256) expected" in message
@@ -91,3 +93,46 @@ def test_export_failures_leave_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         megatron_to_hf(tmp_path / "megatron", tmp_path / "c", "hf")
     _only(tmp_path, "release", "megatron")
+
+
+def _to_megatron(source, output):
+    return ["hf-to-megatron", "--hf-layout", "internvl2", "--input", str(source), "--output", str(output),
+            "--img-context-token-id", str(ID)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[: len(data) - 7], r"it is cut short: its tensors need \d+ bytes, it has \d+"),
+        (lambda data: data[:40], r"it ends inside its header \(40 bytes\)"),
+        (
+            lambda data: data[:8] + b"{not json" + data[17:],
+            r"its header is not a safetensors header \(JSONDecodeError: .*\)",
+        ),
+    ],
+    ids=["truncated", "cut-in-header", "garbled-header"],
+)
+def test_damaged_safetensors_named_in_one_line(tmp_path, capsys, damage, message):
+    source = write_internvl2(tmp_path / "release", internvl2_state_dict())
+    shard = source / "model-00002-of-00002.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    assert main(_to_megatron(source, tmp_path / "out")) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"v2pe-convert-checkpoint: error: cannot convert {shard}: ")
+    assert re.search(message + r"; copy or download the file again; nothing was written$", line)
+    _only(tmp_path, "release")
+
+
+def test_missing_input_is_named(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    for command in ("megatron-to-hf", "hf-to-megatron"):
+        arguments = ["--hf-layout", "hf", "--input", str(missing), "--output", str(tmp_path / "out")]
+        assert main([command, *arguments]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"v2pe-convert-checkpoint: error: --input {missing} does not exist; check the path"
+        )
+    with pytest.raises(ConversionError, match="the checkpoint directory does not exist"):
+        megatron_to_hf(missing, tmp_path / "out", "hf")
+    with pytest.raises(ConversionError, match="the directory does not exist"):
+        hf_to_megatron(missing, tmp_path / "out", "hf")
+    _only(tmp_path)

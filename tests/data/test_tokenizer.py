@@ -13,6 +13,7 @@ from megatron_v2pe.data.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import ConversationRenderer, Turn, parse_conversations
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_v2pe.errors import UsageError
 
 INTERNVL2_IDS = {
     "<img>": 92544,
@@ -93,11 +94,14 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     assert tok.bos_id == 1 and tok.pad_id == 2
 
 
-def test_missing_tokenizer_says_what_to_give(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sentencepiece \.model file or a directory"):
+def test_missing_or_bad_tokenizer_says_what_to_give(tmp_path):
+    with pytest.raises(UsageError, match=r"sentencepiece \.model file or a directory"):
         load_tokenizer(tmp_path / "nope.model")
-    with pytest.raises(ValueError, match="neither a sentencepiece"):
+    with pytest.raises(UsageError, match="neither a sentencepiece"):
         load_tokenizer(tmp_path)
+    (tmp_path / "text.model").write_text("not a tokenizer\n")
+    with pytest.raises(UsageError, match=r"text\.model is not a sentencepiece tokenizer model"):
+        load_tokenizer(tmp_path / "text.model")
 
 
 def _render(tokenizer, turns, images=(), system="You are helpful."):

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SHELL_SCRIPTS = sorted(
     [*(REPO / "examples" / "slurm").glob("*.sbatch"), *(REPO / "examples" / "slurm").glob("*.sh"),
-     *(REPO / "tests" / "slurm").glob("*.sh")]
+     *(REPO / "tests" / "slurm").glob("*.sh"), REPO / "tools" / "python312"]
 )
 
 
