@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts generated together")
     parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        help="prompt tokens per forward of the prefill (default 8192); smaller needs less memory",
+    )
+    parser.add_argument(
         "--teacher-forced",
         action="store_true",
         help="score by one forward over prompt + gold answer instead of generating",
@@ -122,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "--context-parallel-size",
         type=positive_int,
         default=1,
-        help="split every sequence over this many ranks (teacher-forced only; launch with torchrun "
+        help="shard the KV cache of every sequence over this many ranks (launch with torchrun "
         "--nproc-per-node N, N = this size)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (made if absent)")
@@ -172,11 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before the data or the model is read (UsageError)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.context_parallel_size != world or (world > 1 and not args.teacher_forced):
+    if args.context_parallel_size != world:
         raise UsageError(
-            f"--context-parallel-size {args.context_parallel_size} with {world} process(es): context "
-            "parallelism scores teacher-forced (add --teacher-forced) on exactly that many ranks "
-            f"(torchrun --nproc-per-node {args.context_parallel_size})"
+            f"--context-parallel-size {args.context_parallel_size} with {world} process(es): run on "
+            f"exactly that many ranks (torchrun --nproc-per-node {args.context_parallel_size})"
         )
     check_paths_exist(args, ("checkpoint", "tokenizer", "model_config", "image_root"))
     for item in args.data:
@@ -219,6 +224,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     scoring = args.scoring or ("v2pe" if args.protocol == "v2pe" else "official")
 
     lead = is_lead_rank()  # under context parallelism every rank has the verdicts
+    if lead:  # the memory plan of every batch
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("megatron_v2pe.eval.memory_plan").setLevel(logging.INFO)
 
     def progress(done: int, total: int) -> None:
         if lead:
@@ -243,6 +251,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             mode=scoring,
             protocol=args.protocol,
             progress=progress,
+            prefill_chunk=args.prefill_chunk,
         )
         lengths = (r.context_length for r in results)
         edges = args.length_bins or mmniah.default_length_edges(lengths, args.binning)

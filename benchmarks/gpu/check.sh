@@ -5,6 +5,7 @@
 #   3. runs the evaluation throughput benchmark (benchmarks/eval_throughput.py), tiny and 2B-shaped;
 #   4. runs the rotary benchmark (benchmarks/gpu/bench_rotary_gpu.py);
 #   5. runs the training-step benchmark of the InternVL2-2B-shaped model (benchmarks/gpu/bench_step.py).
+# Prompts of 32K-1M tokens have their own script, benchmarks/gpu/long_prefill.sh (6-8 minutes).
 # The step limits add up to under 9 minutes.
 # Everything goes to benchmarks/results/<date>-<gpu>.md (and to $OUT, when that is set).
 #
@@ -18,22 +19,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "${repo}" || exit 1
 wheels="${1:-.whl}"
 python="${PYTHON:-python3}"
-site=/tmp/megatron_v2pe_site
 status=0
-
-missing=()
-for module in megatron.core braceexpand; do
-  "${python}" -c "import ${module}" 2>/dev/null || missing+=("${module}")
-done
-if ((${#missing[@]})); then
-  if ! compgen -G "${wheels}/*.whl" >/dev/null; then
-    echo "missing on this machine: ${missing[*]}; no wheels in '${wheels}' to install them from" >&2
-    exit 1
-  fi
-  "${python}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "${site}" "${wheels}"/*.whl || exit 1
-  export PYTHONPATH="${site}${PYTHONPATH:+:${PYTHONPATH}}"
-fi
+# shellcheck source=benchmarks/gpu/install_wheels.sh
+source "${repo}/benchmarks/gpu/install_wheels.sh" || exit 1
 
 gpu="$("${python}" -c 'import torch; print(torch.cuda.get_device_name(0))')" || {
   echo "no CUDA GPU visible to ${python}" >&2
@@ -76,7 +64,7 @@ run_step() {
 run_step "gpu-marked tests" 150 "${python}" -m pytest -q -m gpu -p no:cacheprovider tests
 run_step "evaluation throughput, tiny" 45 "${python}" benchmarks/eval_throughput.py
 run_step "evaluation throughput, 2B-shaped" 60 "${python}" benchmarks/eval_throughput.py --preset internvl2_2b \
-  --lengths 4096 32768
+  --lengths 4096 32768 --chunk 8192
 run_step "rotary benchmark" 90 "${python}" benchmarks/gpu/bench_rotary_gpu.py
 run_step "training step benchmark" 180 "${python}" benchmarks/gpu/bench_step.py
 

@@ -1,11 +1,13 @@
 """Greedy or sampled decoding of an InternVLModel with V2PE positions, for batches of prompts.
 
-The prompts run as one packed THD batch (each prompt one sub-sample, positions restarting at 0), so
-prompts of different lengths need no padding. Prompt positions come from a δ policy (V2PE.md §1):
-``auto:<window>`` by default, ``fixed:<δ>`` or ``none``; the k-th generated token of a prompt sits at
-(its last prompt position) + k. With ``use_cache`` every step feeds only the new tokens through the
-KV cache (``eval/kv_cache.py``); without it every step recomputes the whole sequences, which is the
-oracle the cache is tested against.
+Prompt positions come from a δ policy (V2PE.md §1): ``auto:<window>`` by default, ``fixed:<δ>`` or
+``none``; the k-th generated token of a prompt sits at (its last prompt position) + k. With ``use_cache``
+the prompts are prefilled ``prefill_chunk`` tokens at a time into a preallocated KV cache
+(``eval/prefill.py``, ``eval/kv_cache.py``) and every step feeds one new token per prompt; without it
+every step recomputes the whole sequences, which is the oracle the cache is tested against. Only the
+logits of each sequence's last token are computed. Under context parallelism (a model built with it,
+every rank of the group calling with the same arguments) the cache is sharded over the ranks and every
+rank returns the same tokens.
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from typing import Self
 
 import numpy as np
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from megatron_v2pe.eval.kv_cache import kv_cache
+from megatron_v2pe.eval.decode_step import DecodeStep
+from megatron_v2pe.eval.kv_cache import kv_cache, rank_capacity
+from megatron_v2pe.eval.memory_plan import checked_plan
+from megatron_v2pe.eval.prefill import PackedPrompts, logits_at, packed_params, prefill
 from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.v2pe.positions import AutoDelta, DeltaPolicy, compute_positions, parse_delta_policy
+
+
+DEFAULT_PREFILL_CHUNK = 8192
+"""Prompt tokens per forward of the prefill, unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -69,21 +77,6 @@ def resolve_delta_policy(model: InternVLModel, policy: DeltaPolicy | str | None)
     if policy is None:
         return AutoDelta(model.vlm_config.language.max_sequence_length)
     return parse_delta_policy(policy) if isinstance(policy, str) else policy
-
-
-def packed_params(lengths: Sequence[int], device: torch.device) -> PackedSeqParams:
-    """THD description of sub-samples of the given lengths, without padding."""
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
-    longest = int(max(lengths))
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-    )
 
 
 def prompt_positions(
@@ -138,6 +131,25 @@ class _Chooser:
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0]
 
 
+def pack_prompts(prompts: Sequence[Prompt], positions: Sequence[np.ndarray]) -> PackedPrompts:
+    """The prompts end to end, with their positions and image tiles."""
+    tiles = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    return PackedPrompts(
+        tokens=torch.tensor(np.concatenate([p.tokens for p in prompts]), dtype=torch.long),
+        positions=torch.from_numpy(np.concatenate(positions)),
+        lengths=[len(p.tokens) for p in prompts],
+        tiles=torch.cat(tiles) if tiles else None,
+    )
+
+
+def check_prefill_chunk(chunk: int | None) -> int:
+    """The number of prompt tokens per prefill forward (the default for None)."""
+    chunk = DEFAULT_PREFILL_CHUNK if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 token, got {chunk}")
+    return chunk
+
+
 @torch.no_grad()
 def generate(
     model: InternVLModel,
@@ -149,21 +161,21 @@ def generate(
     stop_tokens: Sequence[int] = (),
     use_cache: bool = True,
     keep_logits: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Continue every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token, which is kept)."""
     _check(model, prompts, max_new_tokens)
-    device = next(model.parameters()).device
+    chunk = check_prefill_chunk(prefill_chunk)
+    if not use_cache and model.config.context_parallel_size > 1:
+        raise ValueError(
+            "recomputation (use_cache=False) runs in one process; context parallelism needs the cache"
+        )
     positions, deltas = prompt_positions(
         model, prompts, resolve_delta_policy(model, delta_policy), max_new_tokens
     )
-    lengths = [len(p.tokens) for p in prompts]
-    tiles = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    prefill = {
-        "input_ids": torch.tensor(np.concatenate([p.tokens for p in prompts]), device=device)[None],
-        "positions": torch.from_numpy(np.concatenate(positions)).to(device)[None],
-        "pixel_values": torch.cat(tiles).to(device) if tiles else None,
-    }
-    step = _CachedSteps(model, prefill, lengths) if use_cache else _RecomputedSteps(model, prefill, lengths)
+    packed = pack_prompts(prompts, positions)
+    step = (_CachedSteps(model, packed, chunk, max_new_tokens) if use_cache
+            else _RecomputedSteps(model, packed))
     with step:
         return _decode(
             step, model, positions, deltas, max_new_tokens, sampling, set(stop_tokens), keep_logits
@@ -183,7 +195,7 @@ def _decode(
     """The decoding loop: choose, record, stop when every sequence has stopped, feed the new tokens."""
     device = next(model.parameters()).device
     choose = _Chooser(sampling, model.vlm_config.img_context_token_id, device)
-    next_position = torch.tensor([p[-1] + 1 for p in positions], dtype=torch.float64, device=device)
+    next_position = torch.tensor([p[-1] + 1 for p in positions], dtype=torch.float64)  # on the host
     done = torch.zeros(len(positions), dtype=torch.bool, device=device)
     tokens, all_logits = [], []
     logits = step.first()
@@ -206,36 +218,36 @@ def _decode(
 
 
 class _CachedSteps:
-    """Prefill once, then one new token per sequence per step through the KV cache."""
+    """Chunked prefill once, then one new token per sequence per step through the KV cache
+    (``next``: a ``DecodeStep``, a CUDA graph on a GPU)."""
 
-    def __init__(self, model: InternVLModel, prefill: dict, lengths: list[int]):
-        self.model, self.prefill, self.lengths = model, prefill, lengths
-        self.device = prefill["input_ids"].device
-        self._cache = kv_cache(model)
+    def __init__(self, model: InternVLModel, prompts: PackedPrompts, chunk: int, max_new_tokens: int):
+        self.model, self.prompts, self.chunk = model, prompts, chunk
+        self.device = next(model.parameters()).device
+        cp = model.config.context_parallel_size
+        capacity = rank_capacity(max(prompts.lengths) + max_new_tokens, chunk, cp)
+        checked_plan(model, len(prompts.lengths), capacity, min(chunk, sum(prompts.lengths)),
+                     len(prompts.lengths), cp)
+        self._context = kv_cache(model, len(prompts.lengths), capacity)
 
     def __enter__(self) -> Self:
-        self._cache.__enter__()
+        self.cache = self._context.__enter__()
+        self.next = DecodeStep(self.model, self.cache, use_graph=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._cache.__exit__(*exc)
+        self._context.__exit__(*exc)
 
     def first(self) -> Tensor:
-        logits = self.model(**self.prefill, packed_seq_params=packed_params(self.lengths, self.device))
-        last = torch.tensor(np.cumsum(self.lengths) - 1, device=self.device)
-        return logits[0, last]
-
-    def next(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        params = packed_params([1] * tokens.numel(), self.device)
-        return self.model(input_ids=tokens[None], positions=positions[None], packed_seq_params=params)[0]
+        return prefill(self.model, self.cache, self.prompts, self.chunk, self.prompts.ends)
 
 
 class _RecomputedSteps:
     """Every step runs the prompts plus all tokens generated so far from scratch (no cache)."""
 
-    def __init__(self, model: InternVLModel, prefill: dict, lengths: list[int]):
-        self.model, self.prefill, self.lengths = model, prefill, lengths
-        self.device = prefill["input_ids"].device
+    def __init__(self, model: InternVLModel, prompts: PackedPrompts):
+        self.model, self.prompts = model, prompts
+        self.device = next(model.parameters()).device
         self.tokens: list[Tensor] = []
         self.positions: list[Tensor] = []
 
@@ -249,23 +261,25 @@ class _RecomputedSteps:
         return self._run()
 
     def next(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        self.tokens.append(tokens)
+        self.tokens.append(tokens.cpu())
         self.positions.append(positions)
         return self._run()
 
     def _run(self) -> Tensor:
         """Logits at the last token of every sequence, for prompts extended by the tokens so far."""
-        cu = np.concatenate([[0], np.cumsum(self.lengths)])
-        ids, pos = self.prefill["input_ids"][0], self.prefill["positions"][0]
+        cu = np.concatenate([[0], np.cumsum(self.prompts.lengths)])
+        ids, pos = self.prompts.tokens, self.prompts.positions
         pieces_ids, pieces_pos = [], []
-        for j in range(len(self.lengths)):
+        for j in range(len(self.prompts.lengths)):
             pieces_ids += [ids[cu[j] : cu[j + 1]], *(t[j : j + 1] for t in self.tokens)]
             pieces_pos += [pos[cu[j] : cu[j + 1]], *(p[j : j + 1] for p in self.positions)]
-        lengths = [n + len(self.tokens) for n in self.lengths]
-        logits = self.model(
-            input_ids=torch.cat(pieces_ids)[None],
-            positions=torch.cat(pieces_pos)[None],
-            pixel_values=self.prefill["pixel_values"],
-            packed_seq_params=packed_params(lengths, self.device),
-        )
-        return logits[0, torch.tensor(np.cumsum(lengths) - 1, device=self.device)]
+        lengths = [n + len(self.tokens) for n in self.prompts.lengths]
+        last = torch.tensor(np.cumsum(lengths) - 1, device=self.device)
+        with logits_at(self.model, last):
+            logits = self.model(
+                input_ids=torch.cat(pieces_ids).to(self.device)[None],
+                positions=torch.cat(pieces_pos).to(self.device)[None],
+                pixel_values=None if self.prompts.tiles is None else self.prompts.tiles.to(self.device),
+                packed_seq_params=packed_params(lengths, self.device),
+            )
+        return logits[0]

@@ -19,6 +19,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from megatron_v2pe.parallel.cache_attention import merge_two, reference_partial
 from megatron_v2pe.parallel.reference_attention import ReferenceAttention, padded_cu_seqlens
 
 try:
@@ -109,3 +110,36 @@ class TorchAttention(ReferenceAttention):
             enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.permute(2, 0, 1, 3)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """[1, h, s, d] inputs -> (out [h, s, d] fp32, lse [h, s]) from PyTorch's flash-attention kernel."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    out, lse, *_ = flash(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0].float(), lse[0]
+
+
+def cache_partial(
+    q: Tensor, k: Tensor, v: Tensor, prefix: int, causal_new: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``reference_partial`` through flash attention on a GPU in fp16/bf16 (else the reference).
+
+    The cached prefix is one non-causal call in which the queries of each KV head's group are folded
+    into the query length (GQA without copying the cache); the new keys are one square causal call."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return reference_partial(q, k, v, prefix, causal_new, scale)
+    n, hq, d = q.shape
+    hkv = k.shape[0]
+    groups = hq // hkv
+    out = q.new_zeros(n, hq, d, dtype=torch.float32)
+    lse = torch.full((n, hq), -torch.inf, dtype=torch.float32, device=q.device)
+    if prefix:
+        folded = q.reshape(n, hkv, groups, d).permute(1, 0, 2, 3).reshape(1, hkv, n * groups, d)
+        part, part_lse = _flash(folded, k[None, :, :prefix], v[None, :, :prefix], False, scale)
+        out = part.reshape(hkv, n, groups, d).permute(1, 0, 2, 3).reshape(n, hq, d)
+        lse = part_lse.reshape(hkv, n, groups).permute(1, 0, 2).reshape(n, hq)
+    if causal_new:
+        new_k, new_v = (x[:, prefix : prefix + n].repeat_interleave(groups, dim=0)[None] for x in (k, v))
+        part, part_lse = _flash(q.transpose(0, 1)[None], new_k, new_v, True, scale)
+        out, lse = merge_two(out, lse, part.transpose(0, 1), part_lse.transpose(0, 1))
+    return out, lse

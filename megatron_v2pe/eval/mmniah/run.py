@@ -74,11 +74,14 @@ def _batches(records: Sequence[NiahRecord], batch_size: int, limit: Callable[[Ni
             yield new_tokens, group[first : first + batch_size]
 
 
-def _responses(model, tokenizer: Tokenizer, built: Sequence[BuiltPrompt], new_tokens: int, policy) -> list:
+def _responses(
+    model, tokenizer: Tokenizer, built: Sequence[BuiltPrompt], new_tokens: int, policy, chunk: int | None
+) -> list:
     from megatron_v2pe.eval.generation import generate
 
     stop = [tokenizer.token_id(IM_END)]
-    out = generate(model, [b.to_prompt() for b in built], new_tokens, delta_policy=policy, stop_tokens=stop)
+    prompts = [b.to_prompt() for b in built]
+    out = generate(model, prompts, new_tokens, delta_policy=policy, stop_tokens=stop, prefill_chunk=chunk)
     # ids past the tokenizer's vocabulary are the embedding's padding rows: they decode to nothing
     known = [[t for t in tokens if t not in stop and t < tokenizer.vocab_size] for tokens in out.tokens]
     return [tokenizer.decode(tokens).strip() for tokens in known]
@@ -98,9 +101,11 @@ def evaluate_records(
     mode: Mode = "official",
     protocol: Protocol = "mmniah",
     progress: Any = None,
+    prefill_chunk: int | None = None,
 ) -> list[SampleResult]:
     """Run the model on every record and score it. ``max_new_tokens`` None: the protocol's per-task
-    limits; ``max_tiles``: the tiling budget of records without a per-image limit."""
+    limits; ``max_tiles``: the tiling budget of records without a per-image limit; ``prefill_chunk``:
+    prompt tokens per forward (None: generation's default)."""
     from megatron_v2pe.eval.teacher_forced import teacher_forced_correct
 
     check_lengths(records, length_source)
@@ -123,12 +128,13 @@ def evaluate_records(
         if teacher_forced:
             answers = [b.answer_tokens.tolist() for b in built]
             correct = teacher_forced_correct(
-                model, [b.to_prompt() for b in built], answers, delta_policy=delta_policy
+                model, [b.to_prompt() for b in built], answers, delta_policy=delta_policy,
+                prefill_chunk=prefill_chunk,
             )
             responses = [r.answer_text if ok else "" for r, ok in zip(batch, correct)]
             scores = [float(ok) for ok in correct]
         else:
-            responses = _responses(model, tokenizer, built, new_tokens, delta_policy)
+            responses = _responses(model, tokenizer, built, new_tokens, delta_policy, prefill_chunk)
             scores = [score_response(r.task, text, r.answer, mode) for r, text in zip(batch, responses)]
         for record, b, response, score in zip(batch, built, responses, scores):
             length = record.meta_length if length_source == "meta" else len(b.tokens)

@@ -1,5 +1,6 @@
-"""Teacher-forced scoring under context parallelism: every CP rank scores the inputs the test saved,
-with the weights the test saved, and rank 0 writes the verdicts of every rank."""
+"""Inference under context parallelism: every CP rank generates (chunked prefill into the sharded KV
+cache, then decoding) and scores teacher-forced the inputs the test saved, with the weights it saved;
+rank 0 writes every rank's tokens, step logits and verdicts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_v2pe.eval.generation import generate
 from megatron_v2pe.eval.teacher_forced import teacher_forced_correct
 from megatron_v2pe.model.presets import language_transformer_config, tiny, vision_transformer_config
 from megatron_v2pe.model.vlm import InternVLModel
@@ -33,13 +35,22 @@ def main() -> None:
         attention_backend="reference",
     )
     model.load_state_dict(saved["state"])
-    verdicts = teacher_forced_correct(
-        model.eval(), saved["questions"], saved["answers"], delta_policy=saved["policy"]
-    )
+    model.eval()
+    mine = {"generated": [], "verdicts": []}
+    for run in saved["generate"]:
+        out = generate(model, saved["questions"], run["steps"], delta_policy=run["policy"],
+                       prefill_chunk=run["chunk"], keep_logits=True)
+        mine["generated"].append({"tokens": out.tokens, "logits": out.step_logits})
+    for run in saved["score"]:
+        verdicts = teacher_forced_correct(
+            model, saved["questions"], run["answers"], delta_policy=run["policy"], prefill_chunk=run["chunk"]
+        )
+        mine["verdicts"].append(verdicts)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, verdicts)
+    dist.all_gather_object(gathered, mine)
     if dist.get_rank() == 0:
-        args.result.write_text(json.dumps({"per_rank": gathered}))
+        torch.save(gathered, args.workdir / "per_rank.pt")
+        args.result.write_text(json.dumps({"ranks": len(gathered)}))
     destroy_model_parallel()
 
 
