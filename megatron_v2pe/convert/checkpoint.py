@@ -249,7 +249,7 @@ def load_megatron(
     directory, config = _checkpoint_config(path, config)
     if dtype is None:
         metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-        dtype = metadata["language_model.output_layer.weight"].dtype
+        dtype = metadata["language_model.embedding.word_embeddings.weight"].dtype
     model = build_model(config, dtype, attention_backend)
     try:
         loaded = dist_checkpointing.load(sharded_model_state([model]), str(directory))
@@ -289,7 +289,7 @@ def export_hf(
     state = weights(model)
     write_hf(
         to_hf(table(LAYOUTS[layout_name], config), lambda n: state[n].detach()),
-        state["language_model.output_layer.weight"].dtype,
+        state["language_model.embedding.word_embeddings.weight"].dtype,
         config,
         output,
         layout_name,
@@ -420,7 +420,7 @@ def megatron_to_hf(
         metadata = dist_checkpointing.load_tensors_metadata(str(directory))
     except Exception as err:
         raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
-    saved = metadata["language_model.output_layer.weight"].dtype
+    saved = metadata["language_model.embedding.word_embeddings.weight"].dtype
     dtype = dtype or saved
     problems = _checkpoint_problems(directory, config, dtype)
     if problems:

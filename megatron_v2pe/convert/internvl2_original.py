@@ -1,7 +1,7 @@
-"""InternVL2 as OpenGVLab publishes it (remote-code ``InternVLChatModel``: InternViT + ``mlp1`` + InternLM2).
+"""InternVL as OpenGVLab publishes it (remote-code ``InternVLChatModel``: InternViT + ``mlp1`` + the LLM
+under ``language_model.``, named as its family publishes it: ``language_tables``).
 
-InternLM2's ``wqkv`` is already fused per KV group as [q x heads/kv_heads | k | v], Megatron's own layout,
-so it maps unchanged; InternViT's ``attn.qkv`` is [q | k | v] over all heads and is regrouped per head.
+InternViT's ``attn.qkv`` is [q | k | v] over all heads and is regrouped per head.
 ``mlp1`` is ``Sequential(LayerNorm, Linear, GELU, Linear)``: indices 0, 1 and 3 hold weights.
 """
 
@@ -10,17 +10,35 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_v2pe.convert.checks import config_differences
-from megatron_v2pe.convert.mapping import IDENTITY, Concat, Rule, StackedQKV, TPSplit, layer_rules, rule
+from megatron_v2pe.convert.language_tables import language_rules
+from megatron_v2pe.convert.mapping import IDENTITY, Rule, StackedQKV, TPSplit, layer_rules, rule
+from megatron_v2pe.convert.vision_towers import for_tower
 from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import VLMConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW
 
 
-def rules(config: VLMConfig) -> list[Rule]:
+VISION_OUTSIDE_LAYERS = [
+    rule("vision_model.embeddings.class_embedding", "vision_model.embeddings.class_embedding"),
+    rule("vision_model.embeddings.position_embedding", "vision_model.embeddings.position_embedding"),
+    rule("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.weight"),
+    rule("vision_model.embeddings.patch_embedding.bias", "vision_model.embeddings.patch_embedding.bias"),
+]
+PROJECTOR = [
+    rule("mlp1.0.weight", "vision_projection.layer_norm.weight"),
+    rule("mlp1.0.bias", "vision_projection.layer_norm.bias"),
+    rule("mlp1.1.weight", "vision_projection.linear_fc1.weight", IDENTITY, COLUMN),
+    rule("mlp1.1.bias", "vision_projection.linear_fc1.bias", IDENTITY, COLUMN),
+    rule("mlp1.3.weight", "vision_projection.linear_fc2.weight", IDENTITY, ROW),
+    rule("mlp1.3.bias", "vision_projection.linear_fc2.bias"),
+]
+
+
+def vision_layer(config: VLMConfig) -> list[Rule]:
     vit = config.vision
     vit_qkv = StackedQKV(vit.num_attention_heads, vit.hidden_size // vit.num_attention_heads)
-    vision_layer = [
+    internvit_300m = [
         rule("ls1", "ls1"),
         rule("ls2", "ls2"),
         rule("norm1.weight", "input_layernorm.weight"),
@@ -36,44 +54,22 @@ def rules(config: VLMConfig) -> list[Rule]:
         rule("mlp.fc2.weight", "mlp.linear_fc2.weight", IDENTITY, ROW),
         rule("mlp.fc2.bias", "mlp.linear_fc2.bias"),
     ]
-    language_layer = [
-        rule("attention_norm.weight", "input_layernorm.weight"),
-        rule("attention.wqkv.weight", "self_attention.linear_qkv.weight", IDENTITY, COLUMN),
-        rule("attention.wo.weight", "self_attention.linear_proj.weight", IDENTITY, ROW),
-        rule("ffn_norm.weight", "pre_mlp_layernorm.weight"),
-        rule(
-            ("feed_forward.w1.weight", "feed_forward.w3.weight"),
-            "mlp.linear_fc1.weight",
-            Concat(2),
-            TPSplit.GATED_COLUMN,
-        ),
-        rule("feed_forward.w2.weight", "mlp.linear_fc2.weight", IDENTITY, ROW),
-    ]
+    return for_tower(internvit_300m, vit, "attn.q_norm.weight", "attn.k_norm.weight")
+
+
+def naming(config: VLMConfig) -> str:
+    """InternLM2 releases keep InternLM2's fused names; Qwen2, Qwen3 and Llama ones are Llama-named."""
+    return "internlm2" if config.language.family == "internlm2" else "llama"
+
+
+def rules(config: VLMConfig) -> list[Rule]:
     return [
-        rule("vision_model.embeddings.class_embedding", "vision_model.embeddings.class_embedding"),
-        rule("vision_model.embeddings.position_embedding", "vision_model.embeddings.position_embedding"),
-        rule(
-            "vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.weight"
-        ),
-        rule("vision_model.embeddings.patch_embedding.bias", "vision_model.embeddings.patch_embedding.bias"),
-        rule("mlp1.0.weight", "vision_projection.layer_norm.weight"),
-        rule("mlp1.0.bias", "vision_projection.layer_norm.bias"),
-        rule("mlp1.1.weight", "vision_projection.linear_fc1.weight", IDENTITY, COLUMN),
-        rule("mlp1.1.bias", "vision_projection.linear_fc1.bias", IDENTITY, COLUMN),
-        rule("mlp1.3.weight", "vision_projection.linear_fc2.weight", IDENTITY, ROW),
-        rule("mlp1.3.bias", "vision_projection.linear_fc2.bias"),
-        rule(
-            "language_model.model.tok_embeddings.weight",
-            "language_model.embedding.word_embeddings.weight",
-            IDENTITY,
-            COLUMN,
-        ),
-        rule("language_model.model.norm.weight", "language_model.decoder.final_layernorm.weight"),
-        rule("language_model.output.weight", "language_model.output_layer.weight", IDENTITY, COLUMN),
-        *layer_rules("vision", "vision_model.encoder.layers", "vision_model.decoder.layers", vision_layer),
+        *VISION_OUTSIDE_LAYERS,
+        *PROJECTOR,
         *layer_rules(
-            "language", "language_model.model.layers", "language_model.decoder.layers", language_layer
+            "vision", "vision_model.encoder.layers", "vision_model.decoder.layers", vision_layer(config)
         ),
+        *language_rules(config.language, naming(config)),
     ]
 
 
@@ -91,7 +87,14 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
             "exporting to the InternVL2 layout needs the released model directory (--reference): its "
             "config.json and remote code are reused"
         )
-    differences = config_differences(read_config(reference, config.img_context_token_id), config)
+    released = read_config(reference, config.img_context_token_id)
+    differences = config_differences(released, config)
+    if naming(released) != naming(config):
+        differences.append(
+            f"language_model tensors are named as {released.language.family} in the release and as "
+            f"{config.language.family} here: set language.family in vlm_config.json to "
+            f"{released.language.family!r}"
+        )
     if differences:
         raise ValueError("the reference config.json does not describe this model: " + "; ".join(differences))
     return dict(reference)

@@ -111,7 +111,10 @@ def chat_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}") from None
+        raise ValueError(
+            f"chat template {name!r} (config.json's template) is not implemented; implemented: "
+            f"{sorted(TEMPLATES)}"
+        ) from None
 
 
 class ConversationRenderer:

@@ -20,15 +20,15 @@ H100_BF16_DENSE_PEAK = 989e12
 def language_forward_flops(config: VLMConfig, seqlens: Sequence[int]) -> float:
     lm = config.language
     tokens = sum(seqlens)
-    head_dim = lm.hidden_size // lm.num_attention_heads
-    kv_size = 2 * lm.num_query_groups * head_dim
+    q_size = lm.num_attention_heads * lm.kv_channels  # hidden_size unless the head width is its own
+    kv_size = 2 * lm.num_query_groups * lm.kv_channels
     per_token = (
-        lm.hidden_size * (lm.hidden_size + kv_size)  # qkv
-        + lm.hidden_size * lm.hidden_size  # output projection
+        lm.hidden_size * (q_size + kv_size)  # qkv
+        + q_size * lm.hidden_size  # output projection
         + 3 * lm.hidden_size * lm.ffn_hidden_size  # SwiGLU: gate, up, down
     )
     causal_pairs = sum(n * (n + 1) / 2 for n in seqlens)
-    attention = 2 * lm.hidden_size * causal_pairs  # q·k and attn·v, all heads
+    attention = 2 * q_size * causal_pairs  # q·k and attn·v, all heads
     logits = lm.hidden_size * lm.vocab_size * tokens
     return 2 * (lm.num_layers * (per_token * tokens + attention) + logits)
 

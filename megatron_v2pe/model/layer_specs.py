@@ -93,7 +93,16 @@ def base_layer_spec(backend: str, normalization: str, qk_layernorm: bool = False
         spec,
         submodules=dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm),
     )
-    return replace_attention(spec, core_attention=local_core_attention(backend))
+    spec = replace_attention(spec, core_attention=local_core_attention(backend))
+    return with_qk_norm(spec, TorchNorm) if qk_layernorm else spec
+
+
+def with_qk_norm(spec: ModuleSpec, norm: type) -> ModuleSpec:
+    """Per-head q/k norms (Qwen3) of class ``norm``, so that they too run under sequence parallelism."""
+    attention = spec.submodules.self_attention
+    submodules = dataclasses.replace(attention.submodules, q_layernorm=norm, k_layernorm=norm)
+    attention = dataclasses.replace(attention, submodules=submodules)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
 def final_norm(backend: str) -> type:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
 from megatron_v2pe.v2pe.rotary import DynamicNTK
 
@@ -34,6 +33,9 @@ class VisionConfig:
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
     select_layer: int = -1  # whose output feeds the projector, as InternVL indexes hidden states
+    normalization: str = "LayerNorm"  # InternViT-6B: "RMSNorm"
+    qkv_bias: bool = True  # InternViT-6B: False
+    qk_normalization: bool = False  # InternViT-6B: q and k RMS-normalised over all heads (internvit_6b.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.feature_layers <= self.num_layers:
@@ -59,7 +61,9 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class LanguageConfig:
-    """InternLM2: RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings."""
+    """A dense decoder: RMSNorm, SwiGLU, grouped-query attention. The defaults are InternLM2's (no
+    biases, untied embeddings); Qwen2 adds a qkv bias, Qwen3 per-head q/k RMSNorm and its own head
+    width, the small sizes of both tie the input and output embeddings (``llm_families``)."""
 
     num_layers: int
     hidden_size: int
@@ -70,7 +74,18 @@ class LanguageConfig:
     rotary_base: float = 1e6
     layernorm_epsilon: float = 1e-5
     max_sequence_length: int = 32768
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    tie_word_embeddings: bool = False
+    family: str = field(default="internlm2", compare=False)
+    """How the release names its language-model tensors (``llm_families.FAMILIES``); InternLM2 and
+    Llama are the same computation, so two configs differing only here describe one architecture."""
     dynamic_ntk_factor: float | None = None  # rope_scaling {type: dynamic}: δ = 1 inference only
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def dynamic_ntk(self) -> DynamicNTK | None:
@@ -109,14 +124,13 @@ class VLMConfig:
     img_context_token_id: int
     downsample_ratio: float = 0.5
     ps_version: str = "v2"  # pixel shuffle: v1 leaves the shuffled grid transposed (projector.py)
-    template: str = "internlm2-chat"  # the chat template (data/conversation.py TEMPLATES)
+    template: str = "internlm2-chat"  # the chat template; the data pipeline refuses one not in TEMPLATES
     image_format: ImageFormat = field(default_factory=ImageFormat)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
         if self.ps_version not in PIXEL_SHUFFLE_VERSIONS:
             raise ValueError(f"ps_version must be one of {PIXEL_SHUFFLE_VERSIONS}, got {self.ps_version!r}")
-        chat_template(self.template)  # raises, naming the known templates
         shuffle = round(1 / self.downsample_ratio)
         if abs(shuffle * self.downsample_ratio - 1) > 1e-9 or self.vision.patches_per_side % shuffle:
             raise ValueError(
@@ -154,20 +168,29 @@ def language_transformer_config(config: VLMConfig, **overrides: Any) -> Transfor
         overrides.setdefault("batch_p2p_comm", False)
     return internlm2_transformer_config(
         lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups,
-        lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon, **overrides,
+        lm.ffn_hidden_size, layernorm_epsilon=lm.layernorm_epsilon,
+        add_qkv_bias=lm.qkv_bias, qk_layernorm=lm.qk_layernorm, kv_channels=lm.kv_channels, **overrides,
     )
 
 
 def vision_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
-    """InternViT blocks: LayerNorm, GELU MLP, biases everywhere; never split across pipeline stages."""
+    """InternViT blocks: LayerNorm (6B: RMSNorm), GELU MLP, biases (6B: none on qkv, dropped in its spec);
+    never split across pipeline stages (the tower is a few percent of the model and runs before the first
+    language layer: the first stage holds it, and its layer budget can be lowered to compensate)."""
     vit = config.vision
+    tp = overrides.get("tensor_model_parallel_size", 1)
+    if vit.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor_model_parallel_size {tp} does not divide the vision tower's {vit.num_attention_heads} "
+            "heads (InternViT-6B: 25, so TP 1 or 5; padding its heads to 32 is not implemented)"
+        )
     params_dtype = overrides.pop("params_dtype", torch.float32)
     fields: dict[str, Any] = dict(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
         num_attention_heads=vit.num_attention_heads,
         ffn_hidden_size=vit.ffn_hidden_size,
-        normalization="LayerNorm",
+        normalization=vit.normalization,
         layernorm_epsilon=vit.layernorm_epsilon,
         activation_func=F.gelu,
         gated_linear_unit=False,
@@ -209,7 +232,79 @@ def internvl2_2b() -> VLMConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "internvl2_2b": internvl2_2b}
+QWEN_IMG_CONTEXT_ID = 151667
+"""`<IMG_CONTEXT>` in the tokenizer of the Qwen2.5-based releases (Qwen's 151,643 tokens + specials)."""
+
+
+def internvit_300m_v2_5() -> VisionConfig:
+    """InternViT-300M-448px(-V2_5): the vision tower of InternVL2-2B, InternVL2.5-1B/2B/4B/8B and
+    InternVL3-1B/2B/8B/9B/14B (the same shapes; V2_5 is retrained weights)."""
+    return VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096)
+
+
+def internvit_6b() -> VisionConfig:
+    """InternViT-6B-448px-V1-5 / V2_5 as InternVL keeps it: 45 of its 48 layers, RMSNorm, no qkv bias,
+    q/k normalised over all 25 heads."""
+    return VisionConfig(num_layers=45, hidden_size=3200, num_attention_heads=25, ffn_hidden_size=12800,
+                        normalization="RMSNorm", qkv_bias=False, qk_normalization=True)  # fmt: skip
+
+
+def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> LanguageConfig:
+    """Qwen2.5 as InternVL releases it: q/k/v biases, InternVL's 151,674-token vocabulary, RoPE base 1e6,
+    a separate output layer (their config.json leaves tie_word_embeddings false and ships lm_head)."""
+    return LanguageConfig(
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=ffn, vocab_size=151674, layernorm_epsilon=1e-6, qkv_bias=True, family="qwen2",
+    )  # fmt: skip
+
+
+def qwen_release(name: str, language: LanguageConfig, vision: VisionConfig | None = None) -> VLMConfig:
+    return VLMConfig(vision or internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, template="internvl2_5",
+                     name=name)  # fmt: skip
+
+
+def internvl2_5_1b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct."""
+    return qwen_release("internvl2_5_1b", qwen2_5(24, 896, 14, 2, 4864))
+
+
+def internvl3_2b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-1.5B."""
+    return qwen_release("internvl3_2b", qwen2_5(28, 1536, 12, 2, 8960))
+
+
+def internvl3_8b() -> VLMConfig:
+    """InternViT-300M-448px-V2_5 + Qwen2.5-7B."""
+    return qwen_release("internvl3_8b", qwen2_5(28, 3584, 28, 4, 18944))
+
+
+def internvl3_78b() -> VLMConfig:
+    """InternViT-6B-448px-V2_5 + Qwen2.5-72B."""
+    return qwen_release("internvl3_78b", qwen2_5(80, 8192, 64, 8, 29568), internvit_6b())
+
+
+def internvl2_5_26b() -> VLMConfig:
+    """InternViT-6B-448px-V2_5 + InternLM2.5-20B-chat (InternLM2's tokenizer, as InternVL2-2B). The shapes;
+    RoPE settings are InternLM2's defaults here: ``from_hf_config`` reads a release's own."""
+    return VLMConfig(
+        vision=internvit_6b(),
+        language=LanguageConfig(num_layers=48, hidden_size=6144, num_attention_heads=48, num_query_groups=8,
+                                ffn_hidden_size=16384, vocab_size=92553),
+        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        template="internvl2_5",
+        name="internvl2_5_26b",
+    )  # fmt: skip
+
+
+PRESETS = {
+    "tiny": tiny,
+    "internvl2_2b": internvl2_2b,
+    "internvl2_5_1b": internvl2_5_1b,
+    "internvl3_2b": internvl3_2b,
+    "internvl3_8b": internvl3_8b,
+    "internvl2_5_26b": internvl2_5_26b,
+    "internvl3_78b": internvl3_78b,
+}
 
 
 def preset(name: str) -> VLMConfig:

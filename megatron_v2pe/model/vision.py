@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch import Tensor
 
+from megatron_v2pe.model.internvit_6b import internvit_6b_spec
 from megatron_v2pe.model.layer_specs import base_layer_spec, replace_attention
 from megatron_v2pe.model.presets import VisionConfig
 from megatron_v2pe.parallel.attention_backends import AttentionBackend, resolve_attention_backend
@@ -101,13 +102,18 @@ class InternViTLayer(TransformerLayer):
         return residual + drop_path(out * scale, self.drop_path_rate, training)
 
 
-def vision_layer_spec(backend: AttentionBackend = "auto") -> ModuleSpec:
-    """An ``InternViTLayer`` spec with bidirectional (no-mask) attention for any attention backend; the
-    TransformerConfig must say ``normalization='LayerNorm'`` (``vision_transformer_config`` does)."""
-    spec = base_layer_spec(resolve_attention_backend(backend), normalization="LayerNorm")
-    return replace_attention(
+def vision_layer_spec(backend: AttentionBackend = "auto", vision: VisionConfig | None = None) -> ModuleSpec:
+    """An ``InternViTLayer`` spec with bidirectional (no-mask) attention for any attention backend, for the
+    tower ``vision`` (InternViT-300M by default; InternViT-6B's differences: ``internvit_6b``). The
+    TransformerConfig's normalization must be the tower's (``vision_transformer_config`` sets it)."""
+    norm, qkv_bias, qk_norm = ("LayerNorm", True, False) if vision is None else (
+        vision.normalization, vision.qkv_bias, vision.qk_normalization
+    )
+    spec = base_layer_spec(resolve_attention_backend(backend), normalization=norm)
+    spec = replace_attention(
         spec, attention_params={"attn_mask_type": AttnMaskType.no_mask}, layer_module=InternViTLayer
     )
+    return internvit_6b_spec(spec, qkv_bias=qkv_bias, qk_normalization=qk_norm)
 
 
 class InternViTEmbeddings(MegatronModule):

@@ -56,10 +56,13 @@ class InternVLModel(MegatronModule):
         super().__init__(config=language_config)
         self.vlm_config = config
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules expect
-        self.share_embeddings_and_output_weights = False  # InternLM2's are untied (no PP sync needed)
+        lm = config.language
+        # Tied (Qwen's small sizes): under PP the last stage keeps a copy that Megatron initialises from
+        # the first stage's and whose gradient it sums with the embedding's (finalize_model_grads reads
+        # this attribute and shared_embedding_or_output_weight of the model).
+        self.share_embeddings_and_output_weights = lm.tie_word_embeddings
         self.pre_process = pre_process
         self.post_process = post_process
-        lm = config.language
         self.language_model = V2PEGPTModel(
             language_config,
             v2pe_decoder_block_spec(language_config, attention_backend, vp_stage),
@@ -69,15 +72,20 @@ class InternVLModel(MegatronModule):
             dynamic_ntk=lm.dynamic_ntk,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=lm.tie_word_embeddings,
             scatter_embedding_sequence_parallel=False,  # images are merged first, then scattered
             vp_stage=vp_stage,
         )
         if pre_process:
             vision_config = vision_config or vision_transformer_config(config)
-            self.vision_model = InternViTModel(config.vision, vision_config, vision_layer_spec(attention_backend))
+            layer_spec = vision_layer_spec(attention_backend, config.vision)
+            self.vision_model = InternViTModel(config.vision, vision_config, layer_spec)
             projector_config = dataclasses.replace(language_config, sequence_parallel=False)
             self.vision_projection = VisionProjector(config, projector_config)
+
+    def shared_embedding_or_output_weight(self) -> Tensor:
+        """The tied embedding / output weight of this stage (Megatron's gradient sync asks for it)."""
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive the previous stage's hidden states here."""

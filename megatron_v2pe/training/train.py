@@ -32,6 +32,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.convert.checkpoint import write_model_config
 from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader, check_tokenizer_matches
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
@@ -94,6 +95,7 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
     check_tokenizer_matches(tokenizer, vlm)
+    chat_template(vlm.template)  # refused here, before any data is read, when it is not implemented
     return vlm
 
 

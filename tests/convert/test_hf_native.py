@@ -1,4 +1,7 @@
-"""transformers' own InternVL -> our model: the same logits, with integer and with V2PE positions."""
+"""transformers' own InternVL -> our model: the same logits, with integer and with V2PE positions, for the
+text model of every language family (Llama as InternLM2 and Llama-3, Qwen2 tied with biases, Qwen3 tied
+with q/k norms) and both vision towers (InternViT-300M; InternViT-6B's RMSNorm, no qkv bias, cross-head
+q/k norms)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from megatron_v2pe.convert.checkpoint import build_model, load_hf_weights
 from megatron_v2pe.convert.hf_positions import use_float64_rotary, v2pe_inputs
 from megatron_v2pe.convert.safetensors_io import SafetensorsSource
 from megatron_v2pe.model.vlm import InternVLModel
-from tests.convert.tiny_models import CONFIG, hf_native_model
+from tests.convert.tiny_models import CONFIG, FAMILIES, family_config, hf_native_model
 from tests.model.vlm_batches import pack, sub_sample
 
 pytestmark = pytest.mark.usefixtures("megatron_runtime")
@@ -21,20 +24,21 @@ pytestmark = pytest.mark.usefixtures("megatron_runtime")
 LAYOUT = LAYOUTS["hf"]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """(the transformers model, our model loaded from its save_pretrained directory)."""
-    hf = hf_native_model()
+CASES = [(family, "300m") for family in FAMILIES] + [("llama", "6b"), ("qwen2", "6b")]
+"""(language family, vision tower): every family on InternViT-300M, and InternViT-6B's normalisation under
+InternLM2 (InternVL2.5-26B) and Qwen2.5 (InternVL3-78B)."""
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
+def converted(request, tmp_path_factory):
+    """(the transformers model, our model loaded from its save_pretrained directory, the case)."""
+    hf = hf_native_model(family=request.param[0], tower=request.param[1])
     directory = tmp_path_factory.mktemp("hf_native")
     hf.save_pretrained(directory)
-    ours = build_model(CONFIG, torch.float32, "reference").eval()
-    load_hf_weights(
-        ours,
-        SafetensorsSource(directory),
-        LAYOUT,
-        LAYOUT.read_config(json.loads((directory / "config.json").read_text())),
-    )
-    return hf, ours
+    config = LAYOUT.read_config(json.loads((directory / "config.json").read_text()))
+    ours = build_model(config, torch.float32, "reference").eval()
+    load_hf_weights(ours, SafetensorsSource(directory), LAYOUT, config)
+    return hf, ours, request.param
 
 
 def _batch(deltas: tuple[float, float]):
@@ -66,13 +70,14 @@ def _hf_logits(model, batch, position_ids: torch.Tensor | None) -> torch.Tensor:
         return model(**inputs).logits[0]
 
 
-def test_config_reads_as_the_preset(converted):
-    hf, _ = converted
-    assert LAYOUT.read_config(hf.config.to_dict()) == CONFIG
+def test_config_reads_as_the_family_preset(converted):
+    hf, _, case = converted
+    config, expected = LAYOUT.read_config(hf.config.to_dict()), family_config(*case)
+    assert config == expected and config.language.family == expected.language.family
 
 
 def test_integer_positions_give_transformers_logits(converted):
-    hf, ours = converted
+    hf, ours, _ = converted
     batch = _batch((1.0, 1.0))
     assert torch.equal(batch.positions, torch.arange(len(batch.tokens), dtype=torch.float64))
     torch.testing.assert_close(_our_logits(ours, batch), _hf_logits(hf, batch, None), atol=1e-5, rtol=1e-5)
@@ -80,11 +85,11 @@ def test_integer_positions_give_transformers_logits(converted):
 
 @pytest.mark.parametrize("float64_rotary", [False, True], ids=["stock_rotary", "float64_rotary"])
 def test_v2pe_positions_give_transformers_logits(converted, float64_rotary):
-    hf, ours = converted
+    hf, ours, case = converted
     batch = _batch((0.25, 1 / 256))
     assert batch.positions[-1] < len(batch.tokens) - 10  # the fractional steps are really there
     if float64_rotary:
-        hf = hf_native_model()
+        hf = hf_native_model(family=case[0], tower=case[1])
         use_float64_rotary(hf)
     torch.testing.assert_close(
         _our_logits(ours, batch), _hf_logits(hf, batch, batch.positions[None]), atol=1e-5, rtol=1e-5
@@ -92,7 +97,7 @@ def test_v2pe_positions_give_transformers_logits(converted, float64_rotary):
 
 
 def test_v2pe_inputs_build_the_positions_of_our_data_pipeline(converted):
-    hf, _ = converted
+    hf, _, _ = converted
     batch = _batch((0.25, 0.25))
     inputs = v2pe_inputs(hf, batch.tokens[None], delta_policy="fixed:1/4")
     assert torch.equal(inputs["position_ids"][0], batch.positions)
@@ -110,7 +115,7 @@ def _our_greedy(model: InternVLModel, batch, steps: int) -> list[int]:
 
 
 def test_greedy_generate_with_v2pe_inputs_equals_our_generation(converted):
-    hf, ours = converted
+    hf, ours, _ = converted
     batch = _batch((0.25, 0.25))
     hf.generation_config.eos_token_id = None  # tiny vocabularies have no real end token
     prompt = batch.tokens[None]

@@ -9,20 +9,26 @@ from megatron_v2pe.convert import LAYOUTS
 from megatron_v2pe.convert.checkpoint import build_model, table, weights
 from megatron_v2pe.convert.mapping import SeparateQKV, StackedQKV, TPSplit
 from megatron_v2pe.model.presets import internvl2_2b, tiny
+from tests.convert.tiny_models import FAMILIES, family_config
 
 pytestmark = pytest.mark.usefixtures("megatron_runtime")
 
 CONFIG = tiny()
 
 
-@pytest.fixture(scope="module")
-def megatron_weights():
-    return weights(build_model(CONFIG, torch.float32, "reference"))
+@pytest.fixture(scope="module", params=("internlm2", *FAMILIES, "internlm2-6b", "qwen2-6b"))
+def family(request):
+    """(architecture, its Megatron weights) for InternLM2 and each tiny family of ``tiny_models``, on
+    InternViT-300M and (``-6b``) on the InternViT-6B-style tower."""
+    family, _, tower = request.param.partition("-")
+    config = family_config(family, tower or "300m")
+    return config, weights(build_model(config, torch.float32, "reference"))
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_every_weight_has_exactly_one_rule(layout, megatron_weights):
-    entries = table(LAYOUTS[layout], CONFIG)
+def test_every_weight_has_exactly_one_rule(layout, family):
+    config, megatron_weights = family
+    entries = table(LAYOUTS[layout], config)
     names = [e.megatron for e in entries]
     hf_names = [n for e in entries for n in e.hf]
     assert sorted(names) == sorted(megatron_weights)
@@ -30,8 +36,9 @@ def test_every_weight_has_exactly_one_rule(layout, megatron_weights):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_split_rules_are_megatrons_partition_dims(layout, megatron_weights):
-    for e in table(LAYOUTS[layout], CONFIG):
+def test_split_rules_are_megatrons_partition_dims(layout, family):
+    config, megatron_weights = family
+    for e in table(LAYOUTS[layout], config):
         param = megatron_weights[e.megatron]
         megatron_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
         rule_dim = 0 if e.split is TPSplit.GATED_COLUMN else e.split.value
@@ -39,8 +46,9 @@ def test_split_rules_are_megatrons_partition_dims(layout, megatron_weights):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_transforms_round_trip_exactly(layout, megatron_weights):
-    for e in table(LAYOUTS[layout], CONFIG):
+def test_transforms_round_trip_exactly(layout, family):
+    config, megatron_weights = family
+    for e in table(LAYOUTS[layout], config):
         tensor = torch.randn(megatron_weights[e.megatron].shape)
         assert torch.equal(e.transform.to_megatron(e.transform.to_hf(tensor)), tensor), e.megatron
 

@@ -1,11 +1,14 @@
-"""Tiny random checkpoints of both Hugging Face layouts, with the shapes of the ``tiny()`` preset.
+"""Tiny random checkpoints of both Hugging Face layouts, with the shapes of the ``tiny()`` preset and the
+language model of each family.
 
-The transformers-native one is built with transformers' own classes; the InternVL2 one (remote code is not
-available here) is a state dict with the release's key names and shapes, written by hand from its config.
+The transformers-native one is built with transformers' own classes; the remote-code one (its code is not
+available here) is a state dict with the release's key names and shapes: InternViT and the InternLM2 LLM
+written by hand from its config, the other families' LLMs taken from their own transformers classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,16 +20,80 @@ from megatron_v2pe.model.presets import VLMConfig, tiny
 CONFIG = tiny()
 
 
-def hf_native_model(seed: int = 0):
-    """``InternVLForConditionalGeneration`` with a Llama text model, every weight random."""
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLVisionConfig,
-        LlamaConfig,
-    )
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3")
+"""Tiny language models of each family: ``llama`` is InternLM2 as transformers holds it (the InternVL2
+releases), ``llama3`` Llama-3's RoPE base, ``qwen2`` with q/k/v biases and tied embeddings (the small
+Qwen2.5), ``qwen3`` with q/k norms, tied embeddings and a head width of its own (hidden 64, heads 4, 32)."""
 
-    vit, lm = CONFIG.vision, CONFIG.language
+
+INTERNVIT_6B = dict(normalization="RMSNorm", qkv_bias=False, qk_normalization=True)
+"""What the tiny InternViT-6B-style tower changes (the shapes stay ``tiny()``'s: 4 heads of 16)."""
+
+
+def family_config(family: str = "llama", tower: str = "300m") -> VLMConfig:
+    """``tiny()`` with the language model of ``family`` ("internlm2": unchanged) and the vision tower
+    ``tower`` ("300m" or "6b")."""
+    base = CONFIG if tower == "300m" else dataclasses.replace(
+        CONFIG, vision=dataclasses.replace(CONFIG.vision, **INTERNVIT_6B)
+    )
+    if family == "internlm2":
+        return base
+    lm = CONFIG.language
+    changes = {
+        "llama": dict(family="llama"),
+        "llama3": dict(family="llama", rotary_base=500000.0),
+        "qwen2": dict(family="qwen2", qkv_bias=True, tie_word_embeddings=True, layernorm_epsilon=1e-6),
+        "qwen3": dict(family="qwen3", qk_layernorm=True, head_dim=32, tie_word_embeddings=True,
+                      layernorm_epsilon=1e-6),
+    }[family]  # fmt: skip
+    return dataclasses.replace(base, language=dataclasses.replace(lm, **changes))
+
+
+def text_config(family: str = "llama"):
+    """The transformers config of the family's text model, with ``family_config``'s shapes."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    lm = family_config(family).language
+    fields = dict(
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_attention_heads,
+        num_key_value_heads=lm.num_query_groups,
+        vocab_size=lm.vocab_size,
+        rms_norm_eps=lm.layernorm_epsilon,
+        tie_word_embeddings=lm.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": lm.rotary_base},
+        max_position_embeddings=4096,
+    )
+    if family == "qwen3":
+        return Qwen3Config(**fields, head_dim=32)
+    return (Qwen2Config if family == "qwen2" else LlamaConfig)(**fields)
+
+
+def randomize(model, seed: int):
+    """Every weight random (norm weights around 1), so that no tensor can be misplaced unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2 + (param.dim() == 1) * 1.0)
+    return model.eval()
+
+
+def causal_lm(family: str = "llama", seed: int = 0):
+    """The family's own ``*ForCausalLM``, every weight random."""
+    from transformers import AutoModelForCausalLM
+
+    return randomize(AutoModelForCausalLM.from_config(text_config(family)), seed)
+
+
+def hf_native_model(seed: int = 0, family: str = "llama", tower: str = "300m"):
+    """``InternVLForConditionalGeneration`` with the family's text model and an InternViT-300M or -6B
+    style vision tower, every weight random."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    vit = CONFIG.vision
+    text = text_config(family)
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
             hidden_size=vit.hidden_size,
@@ -35,31 +102,17 @@ def hf_native_model(seed: int = 0):
             intermediate_size=vit.ffn_hidden_size,
             image_size=vit.image_size,
             patch_size=vit.patch_size,
-            attention_bias=True,
+            attention_bias=tower == "300m",
+            use_qk_norm=tower == "6b",
+            norm_type="layer_norm" if tower == "300m" else "rms_norm",
             layer_norm_eps=1e-6,
         ).to_dict(),
-        text_config=LlamaConfig(
-            hidden_size=lm.hidden_size,
-            intermediate_size=lm.ffn_hidden_size,
-            num_hidden_layers=lm.num_layers,
-            num_attention_heads=lm.num_attention_heads,
-            num_key_value_heads=lm.num_query_groups,
-            vocab_size=lm.vocab_size,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            max_position_embeddings=4096,
-        ).to_dict(),
+        text_config=text.to_dict(),
         image_token_id=CONFIG.img_context_token_id,
         image_seq_length=CONFIG.tokens_per_tile,
-        tie_word_embeddings=False,
+        tie_word_embeddings=text.tie_word_embeddings,
     )
-    model = InternVLForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2 + (param.dim() == 1) * 1.0)
-    return model
+    return randomize(InternVLForConditionalGeneration(config), seed)
 
 
 def internvl2_config(config: VLMConfig = CONFIG) -> dict:
@@ -83,9 +136,9 @@ def internvl2_config(config: VLMConfig = CONFIG) -> dict:
             "patch_size": vit.patch_size,
             "layer_norm_eps": vit.layernorm_epsilon,
             "initializer_factor": vit.layer_scale_init,
-            "qkv_bias": True,
-            "qk_normalization": False,
-            "norm_type": "layer_norm",
+            "qkv_bias": vit.qkv_bias,
+            "qk_normalization": vit.qk_normalization,
+            "norm_type": {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}[vit.normalization],
         },
         "llm_config": {
             "architectures": ["InternLM2ForCausalLM"],
@@ -151,6 +204,12 @@ def internvl2_state_dict(config: VLMConfig = CONFIG, seed: int = 0) -> dict[str,
                 p + "mlp.fc2.bias": (h,),
             }
         )
+        if vit.normalization == "RMSNorm":  # InternViT-6B: InternRMSNorm has no bias
+            del shapes[p + "norm1.bias"], shapes[p + "norm2.bias"]
+        if not vit.qkv_bias:
+            del shapes[p + "attn.qkv.bias"]
+        if vit.qk_normalization:  # over all heads: width hidden_size
+            shapes.update({p + "attn.q_norm.weight": (h,), p + "attn.k_norm.weight": (h,)})
     h, f = lm.hidden_size, lm.ffn_hidden_size
     for i in range(lm.num_layers):
         p = f"language_model.model.layers.{i}."
@@ -187,3 +246,30 @@ def write_internvl2(directory: Path, tensors: dict[str, torch.Tensor], config: d
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     (directory / "modeling_internvl_chat.py").write_text("# remote code of the release\n")
     return directory
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+
+
+def original_release(
+    family: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, tower: str = "300m"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config.json) of a remote-code release whose LLM is ``family``'s: InternViT and ``mlp1``
+    as in ``internvl2_state_dict``, the language model InternLM2's written by hand there, or the family's
+    own ``*ForCausalLM`` under ``language_model.`` (without ``lm_head`` when tied, as ``save_pretrained``
+    writes it)."""
+    config = family_config(family, tower)
+    everything = internvl2_state_dict(config, seed)
+    if family == "internlm2":
+        return {n: t.to(dtype) for n, t in everything.items()}, internvl2_config(config)
+    vision = {n: t for n, t in everything.items() if not n.startswith("language_model.")}
+    lm = causal_lm(family, seed)
+    language = {
+        f"language_model.{n}": t.to(dtype).contiguous()
+        for n, t in lm.state_dict().items()
+        if not (lm.config.tie_word_embeddings and n == "lm_head.weight")
+    }
+    hf = internvl2_config(config)
+    hf["llm_config"] = {**lm.config.to_dict(), "architectures": [ARCHITECTURES[family]]}
+    return {**{n: t.to(dtype) for n, t in vision.items()}, **language}, hf

@@ -99,9 +99,9 @@ def test_default_system_message_and_none(renderer):
 
 def test_templates_are_named_and_unknown_names_are_refused():
     assert chat_template("internlm2-chat") is TEMPLATES["internlm2-chat"]
-    with pytest.raises(ValueError, match="unknown chat template 'vicuna'.*internlm2-chat"):
+    with pytest.raises(ValueError, match="chat template 'vicuna' .*not implemented.*internlm2-chat"):
         chat_template("vicuna")
-    with pytest.raises(ValueError, match="unknown chat template"):
+    with pytest.raises(ValueError, match="chat template 'vicuna'"):
         SampleConfig(tokens_per_tile=4, template="vicuna")
-    with pytest.raises(ValueError, match="unknown chat template"):
-        dataclasses.replace(tiny(), template="vicuna")
+    # a model config carries its release's template (conversion needs none); the data pipeline refuses it
+    assert dataclasses.replace(tiny(), template="internvl2_5").template == "internvl2_5"

@@ -12,6 +12,10 @@ from tests.parallel.launch import run_torchrun
 
 TWO_RANKS = ["tp2", "sp", "pp2", "pp2_vpp2", "cp2", "dp2_distopt"]
 FOUR_RANKS = ["cp4", "tp2_cp2", "pp2_cp2"]
+TIED = ["pp2", "pp2_vpp2", "tp2", "sp"]
+"""Qwen3's language model (tied embeddings, per-head q/k norms) on the InternViT-6B-style tower: under PP
+the last stage's output layer is a copy of the first stage's embedding, kept equal by Megatron's
+embedding-group reductions; under TP the tower's cross-head q/k norms all-reduce their sum of squares."""
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,14 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return run_torchrun("vlm_layouts.py", 4, tmp_path_factory.mktemp("vlm4"), "--layouts", ",".join(FOUR_RANKS))
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return run_torchrun(
+        "vlm_layouts.py", 2, tmp_path_factory.mktemp("tied"), "--layouts", ",".join(TIED),
+        "--family", "qwen3", "--tower", "6b",
+    )  # fmt: skip
 
 
 def _check(results, layout):
@@ -43,3 +55,8 @@ def test_two_rank_layout(two_ranks, layout):
 @pytest.mark.parametrize("layout", FOUR_RANKS)
 def test_four_rank_layout(four_ranks, layout):
     _check(four_ranks, layout)
+
+
+@pytest.mark.parametrize("layout", TIED)
+def test_tied_embeddings_layout(tied, layout):
+    _check(tied, layout)

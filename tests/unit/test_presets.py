@@ -71,7 +71,7 @@ def test_derived_sizes():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c["vision_config"].update(qk_normalization=True), "unsupported InternVL2 variant"),
+        (lambda c: c["vision_config"].update(norm_type="group_norm"), "vision_config.norm_type 'group_norm'"),
         (lambda c: c.pop("llm_config"), "missing key 'llm_config'"),
         (lambda c: c.update(downsample_ratio=0.3), "downsample_ratio"),
     ],

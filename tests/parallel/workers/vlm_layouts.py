@@ -25,15 +25,23 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from megatron_v2pe.model.presets import language_transformer_config, tiny, vision_transformer_config
+from megatron_v2pe.model.presets import language_transformer_config, vision_transformer_config
 from megatron_v2pe.model.vlm import model_chunks, model_inputs, sharded_model_state, weighted_loss
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.training.step import forward_backward
+from tests.convert.tiny_models import family_config
 from tests.model.vlm_batches import pack, sub_sample
 
-BASE = tiny()
-CONFIG = dataclasses.replace(BASE, language=dataclasses.replace(BASE.language, num_layers=4))
+CONFIG = None  # the tiny VLM of --family with a 4-layer language model, set by main()
+
+
+def four_layer_config(family: str, tower: str):
+    """``tiny()`` with a language family and vision tower of ``tests/convert/tiny_models``, 4 language
+    layers."""
+    base = family_config(family, tower)
+    return dataclasses.replace(base, language=dataclasses.replace(base.language, num_layers=4))
+
 PACK_TOKENS = 192
 PAD_MULTIPLE = 16  # 2·CP·TP for the largest layout (CP4 with TP2 sequence parallel)
 
@@ -151,7 +159,11 @@ def main() -> None:
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--layouts", required=True)
+    parser.add_argument("--family", default="internlm2")
+    parser.add_argument("--tower", default="300m")
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = four_layer_config(args.family, args.tower)
 
     ref_loss, weights, grads = reference(args.workdir)
     results = {"reference_loss": ref_loss, "layouts": {}}
