@@ -114,7 +114,7 @@ def data_config(manifests: list[str], tokenizer_path: str, pack: PackConfig) -> 
         datasets=tuple(DatasetSpec(m) for m in manifests),
         tokenizer=tokenizer_path,
         pack=pack,
-        max_tiles_per_sample=6,
+        max_image_tiles=6,
         shuffle_buffer=8,
         num_workers=0,
         num_epochs=1,

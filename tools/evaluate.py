@@ -233,6 +233,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"\r{done}/{total} samples", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     try:
+        from megatron_v2pe.eval.loading import rope_for_policy
+
+        note = rope_for_policy(model, policy)
+        if note and lead:
+            print(note, file=sys.stderr)
         results = mmniah.evaluate_records(
             model,
             tokenizer,

@@ -36,6 +36,7 @@ from megatron_v2pe.convert.safetensors_io import (
 )
 from megatron_v2pe.errors import OutputExists
 from megatron_v2pe.model.presets import (
+    ImageFormat,
     LanguageConfig,
     VisionConfig,
     VLMConfig,
@@ -64,9 +65,11 @@ def write_model_config(config: VLMConfig, directory: Path) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> VLMConfig:
-    return VLMConfig(
-        **{**data, "vision": VisionConfig(**data["vision"]), "language": LanguageConfig(**data["language"])}
-    )
+    """The inverse of ``config_to_dict``; files written before ``image_format`` existed get its defaults."""
+    parts = {"vision": VisionConfig(**data["vision"]), "language": LanguageConfig(**data["language"])}
+    if "image_format" in data:
+        parts["image_format"] = ImageFormat(**data["image_format"])
+    return VLMConfig(**{**data, **parts})
 
 
 def build_model(

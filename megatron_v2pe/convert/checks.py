@@ -10,9 +10,12 @@ import torch
 from megatron_v2pe.errors import UsageError
 from megatron_v2pe.model.presets import VLMConfig
 
-NOT_ARCHITECTURE = {"max_sequence_length", "drop_path_rate", "name", "family"}
-"""Config fields that change neither the weights nor the forward pass (``family`` names the tensors of
-one layout: InternLM2 read from the transformers layout is Llama, the same computation)."""
+NOT_ARCHITECTURE = {
+    "max_sequence_length", "drop_path_rate", "name", "family", "dynamic_ntk_factor", "image_format",
+}  # fmt: skip
+"""Config fields that do not describe the weights: training settings, the data pipeline's tiling defaults,
+dynamic NTK (δ = 1 inference only; V2PE training drops it), and ``family``, which names the tensors of one
+layout (InternLM2 read from the transformers layout is Llama, the same computation)."""
 
 
 class ConversionError(UsageError):

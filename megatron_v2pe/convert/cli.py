@@ -23,7 +23,8 @@ import torch
 from megatron_v2pe.convert.checkpoint import hf_to_megatron, megatron_to_hf
 from megatron_v2pe.convert.layouts import LAYOUTS
 from megatron_v2pe.errors import UsageError, check_paths_exist, positive_int, run_command
-from megatron_v2pe.model.presets import PRESETS, VLMConfig, from_hf_config, preset
+from megatron_v2pe.model.internvl_config import from_hf_config
+from megatron_v2pe.model.presets import PRESETS, VLMConfig, preset
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -11,9 +11,10 @@ from typing import Any
 
 from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.convert.language_tables import language_rules
-from megatron_v2pe.convert.vision_towers import for_tower
 from megatron_v2pe.convert.mapping import IDENTITY, Rule, StackedQKV, TPSplit, layer_rules, rule
-from megatron_v2pe.model.presets import VLMConfig, from_hf_config
+from megatron_v2pe.convert.vision_towers import for_tower
+from megatron_v2pe.model.internvl_config import from_hf_config
+from megatron_v2pe.model.presets import VLMConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW
 

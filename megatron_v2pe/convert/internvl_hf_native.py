@@ -15,7 +15,7 @@ from megatron_v2pe.convert.language_tables import language_rules
 from megatron_v2pe.convert.vision_towers import for_tower
 from megatron_v2pe.convert.mapping import IDENTITY, Rule, SeparateQKV, TPSplit, layer_rules, rule
 from megatron_v2pe.model.internvit_6b import read_vision_variant
-from megatron_v2pe.model.llm_families import llm_family, read_language_config
+from megatron_v2pe.model.internvl_config import read_language
 from megatron_v2pe.model.presets import LanguageConfig, VisionConfig, VLMConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW
@@ -82,20 +82,24 @@ def read_config(hf: dict[str, Any], img_context_token_id: int | None = None) -> 
             patch_size=size(vit["patch_size"]),
             layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
             layer_scale_init=vit.get("layer_scale_init_value", 0.1),
+            select_layer=hf.get("vision_feature_layer", -1),
             **read_vision_variant(
-                {
-                    "norm_type": vit.get("norm_type", "layer_norm"),
-                    "qkv_bias": vit.get("attention_bias", False),
-                    "qk_normalization": vit.get("use_qk_norm", False),
-                }
+                vit.get("norm_type", "layer_norm"),
+                qkv_bias=vit.get("attention_bias", False),
+                qk_normalization=vit.get("use_qk_norm", False),
             ),
         )
     except KeyError as err:
         raise ValueError(f"not a transformers InternVL config.json: missing key {err}") from err
-    language = read_language_config(llm, llm_family({"model_type": llm.get("model_type", "llama")}))
+    language = read_language({"model_type": "llama", **llm})
     problems = []
     if not vit.get("use_mean_pooling", True):
         problems.append("vision_config.use_mean_pooling=False adds a final norm InternViT does not have")
+    if hf.get("vision_feature_select_strategy", "default") != "default":
+        problems.append("vision_feature_select_strategy 'full' keeps the CLS token, which InternVL drops")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        act = hf.get("projector_hidden_act")
+        problems.append(f"projector_hidden_act {act!r}: InternVL's projector is GELU")
     if problems:
         raise ValueError("unsupported transformers InternVL variant: " + "; ".join(problems))
     return VLMConfig(
@@ -112,6 +116,8 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
     ``reference`` that do not describe the architecture (e.g. token ids) are kept."""
     from transformers import InternVLConfig, InternVLVisionConfig
 
+    if config.ps_version != "v2":
+        raise ValueError("transformers' InternVL shuffles pixels as ps_version v2; this model uses v1")
     vit = config.vision
     vision = InternVLVisionConfig(
         hidden_size=vit.hidden_size,
@@ -133,6 +139,7 @@ def write_config(config: VLMConfig, reference: dict[str, Any] | None = None) -> 
         image_token_id=config.img_context_token_id,
         image_seq_length=config.tokens_per_tile,
         downsample_ratio=config.downsample_ratio,
+        vision_feature_layer=vit.select_layer,
         tie_word_embeddings=config.language.tie_word_embeddings,
     ).to_dict()
     hf["architectures"] = ["InternVLForConditionalGeneration"]
@@ -160,6 +167,8 @@ def text_config(lm: LanguageConfig) -> dict[str, Any]:
         rope_parameters={"rope_type": "default", "rope_theta": lm.rotary_base},
         tie_word_embeddings=lm.tie_word_embeddings,
     )
+    if lm.dynamic_ntk_factor is not None:  # the release's dynamic NTK, for δ = 1 inference
+        fields["rope_parameters"].update(rope_type="dynamic", factor=lm.dynamic_ntk_factor)
     if lm.family == "qwen2":
         del fields["head_dim"]  # Qwen2's is always hidden_size / heads
     return getattr(transformers, TEXT_CONFIG_CLASSES[lm.family])(**fields).to_dict()

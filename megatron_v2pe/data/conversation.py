@@ -1,21 +1,26 @@
-"""Conversation records and the InternLM2 chat template.
+"""Conversation records and the chat templates they are rendered with.
 
 A record (InternVL's format) holds ``conversations``: a list of ``{"from": role, "value": text}`` with
 role ``system`` (first turn only), ``human`` or ``gpt`` (``user``/``assistant`` are accepted too). Each
-``<image>`` in a text stands for the next image of the sample. Rendered as::
+``<image>`` in a text stands for the next image of the sample.
 
-    <s><|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{question}<|im_end|>\\n
-    <|im_start|>assistant\\n{answer}<|im_end|>\\n ...
+A template (``TEMPLATES``, chosen by name: InternVL's config.json ``template`` field) says how turns become
+text; InternVL2's ``internlm2-chat`` renders::
 
-Only assistant text and the ``<|im_end|>`` closing it are supervised (the model must learn to stop);
-everything else, image tokens included, gets IGNORE_INDEX. Labels here are not shifted: label i is about
-token i. Each ``<image>`` becomes ``<img>``, that image's ``<IMG_CONTEXT>`` slots, ``</img>``.
+    <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{question}<|im_end|>
+    <|im_start|>assistant\n{answer}<|im_end|>...    (one line: nothing between <|im_end|> and <|im_start|>)
+
+with every turn's text stripped of surrounding whitespace first, as InternVL's preprocessing does. Only
+assistant text and the end marker closing it are supervised (the model must learn to stop); everything
+else, image tokens included, gets IGNORE_INDEX. Labels here are not shifted: label i is about token i.
+Each ``<image>`` becomes ``<img>``, that image's ``<IMG_CONTEXT>`` slots, ``</img>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -80,16 +85,54 @@ class RenderedConversation:
     image_starts: np.ndarray  # int64 [images], index of each image's <img>
 
 
+@dataclass(frozen=True)
 class ChatTemplate:
-    """Renders turns to token ids and labels; the fixed pieces of the template are encoded once."""
+    """One conversation format: each turn is ``headers[role] + text + turn_end + separator``, after the
+    tokenizer's BOS when ``bos``. InternVL's other templates differ only in these pieces (``Hermes-2``: no
+    BOS; ``internvl2_5``: a newline separator, no stripping; ``phi3-chat``: its own markers)."""
 
-    def __init__(self, tokenizer: Tokenizer, system_message: str | None = INTERNVL2_SYSTEM_MESSAGE) -> None:
+    name: str
+    headers: Mapping[str, str]  # role ("system", "user", "assistant") -> the text that opens its turn
+    turn_end: str  # closes every turn; supervised after an answer
+    separator: str = ""  # after turn_end; never supervised
+    bos: bool = True
+    strip_turns: bool = True  # each turn's text is .strip()ped before it is placed
+
+
+CHATML_HEADERS = MappingProxyType({role: f"<|im_start|>{role}\n" for role in ("system", "user", "assistant")})
+
+TEMPLATES: Mapping[str, ChatTemplate] = MappingProxyType(
+    {t.name: t for t in (ChatTemplate("internlm2-chat", CHATML_HEADERS, turn_end="<|im_end|>"),)}
+)
+"""The templates by InternVL's names (config.json ``template``)."""
+
+
+def chat_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(
+            f"chat template {name!r} (config.json's template) is not implemented; implemented: "
+            f"{sorted(TEMPLATES)}"
+        ) from None
+
+
+class ConversationRenderer:
+    """Renders turns to token ids and labels with one template; its fixed pieces are encoded once."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: ChatTemplate | str = "internlm2-chat",
+        system_message: str | None = INTERNVL2_SYSTEM_MESSAGE,
+    ) -> None:
+        self.template = chat_template(template) if isinstance(template, str) else template
         self._tokenizer = tokenizer
         self._system_message = system_message
-        self._headers = {role: tokenizer.encode(f"<|im_start|>{role}\n") for role in set(_ROLES.values())}
-        self._im_end = tokenizer.encode("<|im_end|>")
-        self._newline = tokenizer.encode("\n")
-        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self._headers = {role: tokenizer.encode(text) for role, text in self.template.headers.items()}
+        self._turn_end = tokenizer.encode(self.template.turn_end)
+        self._separator = tokenizer.encode(self.template.separator)
+        self._bos = [tokenizer.bos_id] if self.template.bos and tokenizer.bos_id is not None else []
 
     def render(self, turns: Sequence[Turn], image_token_counts: Sequence[int]) -> RenderedConversation:
         """image_token_counts[k]: <IMG_CONTEXT> slots of the k-th image (tokens per tile x its tiles)."""
@@ -114,16 +157,17 @@ class ChatTemplate:
         for turn in turns:
             answer = turn.role == "assistant"
             add(self._headers[turn.role])
-            for k, text in enumerate(turn.text.split(IMAGE_PLACEHOLDER)):
+            text = turn.text.strip() if self.template.strip_turns else turn.text
+            for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
                 if k:
                     image_starts.append(length)
                     add([tok.img_start_id])
                     add(np.full(next(images), tok.img_context_id))
                     add([tok.img_end_id])
-                if text:
-                    add(tok.encode(text), answer)
-            add(self._im_end, answer)
-            add(self._newline)
+                if part:
+                    add(tok.encode(part), answer)
+            add(self._turn_end, answer)
+            add(self._separator)
         tokens = np.concatenate(pieces)
         is_target = np.repeat(np.array(supervised), [len(p) for p in pieces])
         return RenderedConversation(

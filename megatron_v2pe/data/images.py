@@ -5,6 +5,11 @@ image's; the image is resized to fill it (bicubic) and cut in row-major order. W
 than one cell, the whole image resized to one tile is appended as a thumbnail. Every tile becomes
 ``tokens_per_tile`` ``<IMG_CONTEXT>`` slots, so the tile count fixes the image's token count.
 
+How many grid tiles each image of a sample may use is the *tile budget*: ``per_sample`` (InternVL's main
+recipe, its ``dynamic_max_patch=True``) lets each of n images have ``max(1, max_tiles // n)``;
+``per_image`` (the V2PE recipe, ``dynamic_max_patch=False``) lets every image have ``max_tiles`` whatever
+the number of images.
+
 Tiles stay uint8 (HWC) until a pack is assembled: a quarter of the memory of float32 while they wait in
 the packing buffer. ``normalize_tiles`` then applies ImageNet normalisation, as InternVL's ToTensor +
 Normalize do.
@@ -12,6 +17,7 @@ Normalize do.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -38,6 +44,19 @@ class TilingConfig:
                 f"need tile_size >= 1 and 1 <= min_tiles <= max_tiles, got tile_size={self.tile_size}, "
                 f"min_tiles={self.min_tiles}, max_tiles={self.max_tiles}"
             )
+
+
+TILE_BUDGETS = ("per_image", "per_sample")
+
+
+def tiling_for_images(config: TilingConfig, num_images: int, budget: str) -> TilingConfig:
+    """The tiling each of a sample's ``num_images`` images gets under a tile budget (TILE_BUDGETS)."""
+    if budget == "per_image":
+        return config
+    if budget != "per_sample":
+        raise ValueError(f"unknown tile budget {budget!r}; choose one of {TILE_BUDGETS}")
+    share = max(1, config.max_tiles // max(num_images, 1))
+    return dataclasses.replace(config, max_tiles=share, min_tiles=min(config.min_tiles, share))
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:

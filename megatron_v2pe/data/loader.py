@@ -18,7 +18,7 @@ import torch.utils.data
 
 from megatron_v2pe.data.batch import PackedBatch
 from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
-from megatron_v2pe.data.images import TilingConfig
+from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig
 from megatron_v2pe.data.packing import Fit, PackConfig, Packer, fit_sample
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig, TokenizedSample
 from megatron_v2pe.data.shards import unpack_sample
@@ -58,8 +58,11 @@ class DataConfig:
     datasets: tuple[DatasetSpec, ...]
     tokenizer: str
     pack: PackConfig = field(default_factory=PackConfig)
-    max_tiles_per_sample: int = 6  # InternVL's max_dynamic_patch: each of n images gets max(1, this // n)
-    use_thumbnail: bool = True
+    # Image tiling (data/images.py); None takes the model's own (VLMConfig.image_format, from config.json)
+    max_image_tiles: int | None = None  # grid tiles of one image, thumbnail aside (max_dynamic_patch)
+    tile_budget: str | None = None  # per_image: each image up to max_image_tiles (V2PE's recipe) |
+    # per_sample: n images get max(1, max_image_tiles // n) each (InternVL's)
+    use_thumbnail: bool | None = None
     system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
     shuffle_buffer: int = 64
     seed: int = 1234
@@ -74,6 +77,31 @@ class DataConfig:
             raise ValueError(
                 f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers}, {self.shuffle_buffer}"
             )
+        if self.tile_budget not in (None, *TILE_BUDGETS) or (self.max_image_tiles or 1) < 1:
+            raise ValueError(
+                f"tile_budget must be one of {TILE_BUDGETS} and max_image_tiles >= 1, got "
+                f"{self.tile_budget!r}, {self.max_image_tiles}"
+            )
+
+
+def sample_config(config: DataConfig, model: VLMConfig) -> SampleConfig:
+    """How samples are built for this model: its template and tokens per tile, its tiling unless the
+    data config sets one (a model without dynamic tiling cuts each image into one tile)."""
+    image = model.image_format
+    max_tiles = config.max_image_tiles or (image.max_tiles if image.dynamic_image_size else 1)
+    tiling = TilingConfig(
+        model.vision.image_size,
+        max_tiles,
+        min_tiles=min(image.min_tiles, max_tiles),
+        use_thumbnail=image.use_thumbnail if config.use_thumbnail is None else config.use_thumbnail,
+    )
+    return SampleConfig(
+        model.tokens_per_tile,
+        tiling,
+        config.system_message,
+        template=model.template,
+        tile_budget=config.tile_budget or image.tile_budget,
+    )
 
 
 def check_tokenizer_matches(tokenizer: Tokenizer, model: VLMConfig) -> None:
@@ -115,12 +143,7 @@ class PackStream:
         self.source = BlendedSource(sources, weights, seeded_rng(config.seed, BLEND_STREAM, consumer.index))
         tokenizer = tokenizer or load_tokenizer(config.tokenizer)
         check_tokenizer_matches(tokenizer, model)
-        tiling = TilingConfig(
-            model.vision.image_size, config.max_tiles_per_sample, use_thumbnail=config.use_thumbnail
-        )
-        self.builder = SampleBuilder(
-            tokenizer, SampleConfig(model.tokens_per_tile, tiling, config.system_message)
-        )
+        self.builder = SampleBuilder(tokenizer, sample_config(config, model))
         self.packer = Packer(
             config.pack,
             seeded_rng(config.seed, DELTA_STREAM, consumer.index),

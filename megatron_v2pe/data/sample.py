@@ -4,8 +4,9 @@ Every way a record can be wrong raises BadSample before anything is produced, so
 out whole and self-consistent (each image's ``<IMG_CONTEXT>`` run is exactly tokens_per_tile x its tiles)
 or not at all.
 
-Tiles per image follow InternVL's multi-image rule: a sample with n images lets each image have at most
-max(1, max_tiles // n) grid tiles (plus its thumbnail), so many-image samples use one tile per image.
+Tiles per image follow the tile budget (``images.tiling_for_images``): ``per_sample`` (InternVL's rule:
+each of n images gets at most max(1, max_tiles // n) grid tiles, plus its thumbnail) or ``per_image``
+(the V2PE recipe: each image up to max_tiles).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import numpy as np
 from megatron_v2pe.data.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import (
     INTERNVL2_SYSTEM_MESSAGE,
-    ChatTemplate,
+    ConversationRenderer,
+    chat_template,
     count_placeholders,
     parse_conversations,
 )
-from megatron_v2pe.data.images import TilingConfig, decode_image, tile_image
+from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig, decode_image, tile_image, tiling_for_images
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import Tokenizer
 
@@ -32,15 +34,21 @@ from megatron_v2pe.data.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class SampleConfig:
     """tokens_per_tile and tiling.tile_size come from the model (VLMConfig.tokens_per_tile and
-    VLMConfig.vision.image_size); tiling.max_tiles is the tile budget of one sample's images."""
+    VLMConfig.vision.image_size), the template from the model (VLMConfig.template); tiling.max_tiles
+    is shared by a sample's images or given to each (tile_budget, one of images.TILE_BUDGETS)."""
 
     tokens_per_tile: int
     tiling: TilingConfig = field(default_factory=TilingConfig)
     system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
+    template: str = "internlm2-chat"
+    tile_budget: str = "per_sample"
 
     def __post_init__(self) -> None:
         if self.tokens_per_tile < 1:
             raise ValueError(f"tokens_per_tile must be positive, got {self.tokens_per_tile}")
+        if self.tile_budget not in TILE_BUDGETS:
+            raise ValueError(f"tile_budget must be one of {TILE_BUDGETS}, got {self.tile_budget!r}")
+        chat_template(self.template)  # raises, naming the known templates
 
 
 @dataclass(frozen=True)
@@ -86,13 +94,7 @@ class TokenizedSample:
 class SampleBuilder:
     def __init__(self, tokenizer: Tokenizer, config: SampleConfig) -> None:
         self.config = config
-        self._template = ChatTemplate(tokenizer, config.system_message)
-
-    def _tiling_for(self, num_images: int) -> TilingConfig:
-        budget = max(1, self.config.tiling.max_tiles // num_images)
-        return dataclasses.replace(
-            self.config.tiling, max_tiles=budget, min_tiles=min(self.config.tiling.min_tiles, budget)
-        )
+        self._renderer = ConversationRenderer(tokenizer, config.template, config.system_message)
 
     def build(self, key: str, record: object, images: Sequence[bytes], ref: Any = None) -> TokenizedSample:
         """The sample of a record whose k-th <image> is images[k] (encoded bytes); raises BadSample."""
@@ -106,7 +108,7 @@ class SampleBuilder:
         size = self.config.tiling.tile_size
         tiles = [np.zeros((0, size, size, 3), dtype=np.uint8)]
         if images:
-            tiling = self._tiling_for(len(images))
+            tiling = tiling_for_images(self.config.tiling, len(images), self.config.tile_budget)
             for k, data in enumerate(images):
                 try:
                     image = decode_image(data)
@@ -115,7 +117,7 @@ class SampleBuilder:
                 tiles.append(tile_image(image, tiling))
         tiles_per_image = np.array([t.shape[0] for t in tiles[1:]], dtype=np.int64)
         context_counts = self.config.tokens_per_tile * tiles_per_image
-        rendered = self._template.render(turns, context_counts.tolist())
+        rendered = self._renderer.render(turns, context_counts.tolist())
         sample = TokenizedSample(
             key=key,
             tokens=rendered.tokens,

@@ -164,7 +164,7 @@ def _train_arguments(run: Path, policy: str, data: dict, args: argparse.Namespac
         f"data.tokenizer={data['tokenizer']}",
         f"data.delta_policy={policy}",
         f"data.max_seq_len={args.seq_len}",
-        f"data.max_tiles_per_sample={WIDE * args.train_images}",
+        f"data.max_image_tiles={WIDE * args.train_images}",
         f"data.max_tiles={(WIDE + 1) * args.train_images}",
         f"training.train_iters={args.steps}",
         f"training.global_batch_size={args.batch}",

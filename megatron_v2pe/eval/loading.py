@@ -11,6 +11,7 @@ from megatron_v2pe.data.loader import check_tokenizer_matches
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.parallel.attention_backends import AttentionBackend
+from megatron_v2pe.v2pe.positions import FixedDelta, UnitDelta, parse_delta_policy
 
 
 def load_for_evaluation(
@@ -48,3 +49,16 @@ def load_for_evaluation(
     model, config = load_megatron(checkpoint, config, attention_backend=attention_backend)
     check_tokenizer_matches(tok, config)
     return model.to(current_device()).eval(), tok, window or config.language.max_sequence_length
+
+
+def rope_for_policy(model: InternVLModel, delta_policy: str) -> str | None:
+    """Turn off a released model's dynamic NTK scaling unless the evaluation runs at δ = 1, the only
+    setting it was made for (V2PE positions use plain RoPE, as the paper does); a line saying so, if
+    it was on."""
+    rotary = model.language_model.rotary_pos_emb
+    policy = parse_delta_policy(delta_policy)
+    unit = isinstance(policy, UnitDelta) or (isinstance(policy, FixedDelta) and policy.delta == 1.0)
+    if rotary.dynamic_ntk is None or unit:
+        return None
+    rotary.dynamic_ntk = None
+    return f"plain RoPE under delta policy {delta_policy}: the model's dynamic NTK scaling is for δ = 1 only"

@@ -99,14 +99,20 @@ def internvit_6b_spec(spec: ModuleSpec, *, qkv_bias: bool, qk_normalization: boo
     return spec
 
 
-def read_vision_variant(vit: dict[str, Any]) -> dict[str, Any]:
-    """The ``VisionConfig`` fields of InternViT's ``norm_type``, ``qkv_bias`` and ``qk_normalization``."""
-    norms = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
-    norm_type = vit.get("norm_type", "layer_norm")
-    if norm_type not in norms:
-        raise ValueError(f"vision_config.norm_type {norm_type!r} is not one of {sorted(norms)}")
-    return dict(
-        normalization=norms[norm_type],
-        qkv_bias=bool(vit.get("qkv_bias", True)),
-        qk_normalization=bool(vit.get("qk_normalization", False)),
-    )
+NORMALIZATIONS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
+
+
+def vision_normalization(norm_type: str) -> str:
+    """The ``VisionConfig.normalization`` of InternViT's ``norm_type``."""
+    if norm_type not in NORMALIZATIONS:
+        raise ValueError(f"{norm_type!r} is not one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[norm_type]
+
+
+def read_vision_variant(norm_type: str, qkv_bias: bool, qk_normalization: bool) -> dict[str, Any]:
+    """The ``VisionConfig`` fields of a tower's norm type, qkv bias and q/k normalisation."""
+    try:
+        normalization = vision_normalization(norm_type)
+    except ValueError as err:
+        raise ValueError(f"vision_config.norm_type {err}") from None
+    return dict(normalization=normalization, qkv_bias=bool(qkv_bias), qk_normalization=bool(qk_normalization))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -12,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_v2pe.model.layer_specs import V2PESelfAttention
-from megatron_v2pe.v2pe.rotary import V2PERotaryEmbedding
+from megatron_v2pe.v2pe.rotary import DynamicNTK, V2PERotaryEmbedding, sequence_lengths
 
 
 class V2PEGPTModel(GPTModel):
@@ -32,6 +33,7 @@ class V2PEGPTModel(GPTModel):
         *,
         rotary_base: float = 1e6,
         rotary_percent: float = 1.0,
+        dynamic_ntk: DynamicNTK | None = None,
         **kwargs,
     ):
         layer = (transformer_layer_spec.layer_specs[0]
@@ -50,7 +52,9 @@ class V2PEGPTModel(GPTModel):
             position_embedding_type="none",
             **kwargs,
         )
-        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
+        self.rotary_pos_emb = V2PERotaryEmbedding(
+            config.kv_channels, rotary_percent, rotary_base, dynamic_ntk
+        )
 
     def forward(
         self,
@@ -76,5 +80,14 @@ class V2PEGPTModel(GPTModel):
         # position_embedding_type 'none' the embedding ignores them and no rope is built, so the
         # angles slot (index 1) is ours to fill.
         outputs = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
-        outputs[1] = self.rotary_pos_emb(position_ids)
+        outputs[1] = self.rotary_pos_emb(position_ids, self._sequence_lengths(position_ids, kwargs))
         return tuple(outputs)
+
+    def _sequence_lengths(self, positions: Tensor, kwargs: dict) -> Optional[Tensor]:
+        """Each token's sequence length for dynamic NTK, in packed batches (rows are sequences otherwise)."""
+        packed = kwargs.get("packed_seq_params")
+        if self.rotary_pos_emb.dynamic_ntk is None or packed is None:
+            return None
+        cu = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        group = parallel_state.get_context_parallel_group() if self.config.context_parallel_size > 1 else None
+        return sequence_lengths(positions, cu, group)

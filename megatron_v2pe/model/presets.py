@@ -1,14 +1,14 @@
 """Typed model configurations of the InternVL2 architecture, and the presets we ship.
 
-``VLMConfig`` describes the shapes only; parallelism and precision are applied when the Megatron-Core
-``TransformerConfig``s are built (``language_transformer_config`` / ``vision_transformer_config``).
+``VLMConfig`` describes a release: its shapes and the formats it was trained with (chat template, image
+tiling, pixel shuffle, the ViT layer it reads); ``internvl_config.from_hf_config`` reads one from InternVL's
+config.json. Parallelism and precision are applied when the Megatron-Core ``TransformerConfig``s are built
+(``language_transformer_config`` / ``vision_transformer_config``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
-from megatron_v2pe.model.internvit_6b import read_vision_variant
+from megatron_v2pe.v2pe.rotary import DynamicNTK
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,23 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-6
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
+    select_layer: int = -1  # whose output feeds the projector, as InternVL indexes hidden states
     normalization: str = "LayerNorm"  # InternViT-6B: "RMSNorm"
     qkv_bias: bool = True  # InternViT-6B: False
     qk_normalization: bool = False  # InternViT-6B: q and k RMS-normalised over all heads (internvit_6b.py)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.feature_layers <= self.num_layers:
+            raise ValueError(
+                f"select_layer {self.select_layer} does not pick one of the {self.num_layers} ViT layers' "
+                f"outputs; use -1 (the last) to -{self.num_layers} or 1 to {self.num_layers}"
+            )
+
+    @property
+    def feature_layers(self) -> int:
+        """Layers run to produce the features: InternVL's ``hidden_states[select_layer]`` (index 0 is the
+        embeddings, -1 the last layer's output)."""
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     @property
     def patches_per_side(self) -> int:
@@ -67,10 +81,40 @@ class LanguageConfig:
     family: str = field(default="internlm2", compare=False)
     """How the release names its language-model tensors (``llm_families.FAMILIES``); InternLM2 and
     Llama are the same computation, so two configs differing only here describe one architecture."""
+    dynamic_ntk_factor: float | None = None  # rope_scaling {type: dynamic}: δ = 1 inference only
 
     @property
     def kv_channels(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def dynamic_ntk(self) -> DynamicNTK | None:
+        if self.dynamic_ntk_factor is None:
+            return None
+        return DynamicNTK(self.dynamic_ntk_factor, self.max_sequence_length)
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How the release cuts images into tiles: the data pipeline's defaults (InternVL's config.json
+    ``max_dynamic_patch``, ``min_dynamic_patch``, ``use_thumbnail``, ``dynamic_image_size``; V2PE's
+    ``dynamic_max_patch``). ``data/images.py`` says what each means."""
+
+    max_tiles: int = 6
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True  # False: every image is one tile, resized
+    tile_budget: str = "per_sample"  # per_sample (InternVL) | per_image (V2PE recipe)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_tiles <= self.max_tiles or self.tile_budget not in ("per_image", "per_sample"):
+            raise ValueError(
+                f"need 1 <= min_tiles <= max_tiles and tile_budget per_image or per_sample, got "
+                f"{self.min_tiles}, {self.max_tiles}, {self.tile_budget!r}"
+            )
+
+
+PIXEL_SHUFFLE_VERSIONS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -79,14 +123,20 @@ class VLMConfig:
     language: LanguageConfig
     img_context_token_id: int
     downsample_ratio: float = 0.5
+    ps_version: str = "v2"  # pixel shuffle: v1 leaves the shuffled grid transposed (projector.py)
+    template: str = "internlm2-chat"  # the chat template; the data pipeline refuses one not in TEMPLATES
+    image_format: ImageFormat = field(default_factory=ImageFormat)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if self.ps_version not in PIXEL_SHUFFLE_VERSIONS:
+            raise ValueError(f"ps_version must be one of {PIXEL_SHUFFLE_VERSIONS}, got {self.ps_version!r}")
         shuffle = round(1 / self.downsample_ratio)
         if abs(shuffle * self.downsample_ratio - 1) > 1e-9 or self.vision.patches_per_side % shuffle:
             raise ValueError(
                 f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
-                f"{self.vision.patches_per_side} patches per side"
+                f"{self.vision.patches_per_side} patches per side (image_size {self.vision.image_size} "
+                f"// patch_size {self.vision.patch_size})"
             )
         if not 0 <= self.img_context_token_id < self.language.vocab_size:
             raise ValueError(
@@ -170,12 +220,14 @@ INTERNVL2_2B_IMG_CONTEXT_ID = 92546
 
 
 def internvl2_2b() -> VLMConfig:
-    """Exact shapes of InternVL2-2B: InternViT-300M-448px + MLP projector + InternLM2-chat-1.8B."""
+    """InternVL2-2B as released (InternViT-300M-448px + MLP projector + InternLM2-chat-1.8B), with plain
+    RoPE: its config.json's dynamic NTK is for δ = 1 inference (``internvl_config.from_hf_config``)."""
     return VLMConfig(
         vision=VisionConfig(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096),
         language=LanguageConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
                                 ffn_hidden_size=8192, vocab_size=92553),
         img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        image_format=ImageFormat(max_tiles=12),
         name="internvl2_2b",
     )
 
@@ -207,7 +259,8 @@ def qwen2_5(num_layers: int, hidden: int, heads: int, groups: int, ffn: int) -> 
 
 
 def qwen_release(name: str, language: LanguageConfig, vision: VisionConfig | None = None) -> VLMConfig:
-    return VLMConfig(vision or internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, name=name)
+    return VLMConfig(vision or internvit_300m_v2_5(), language, QWEN_IMG_CONTEXT_ID, template="internvl2_5",
+                     name=name)  # fmt: skip
 
 
 def internvl2_5_1b() -> VLMConfig:
@@ -238,62 +291,9 @@ def internvl2_5_26b() -> VLMConfig:
         language=LanguageConfig(num_layers=48, hidden_size=6144, num_attention_heads=48, num_query_groups=8,
                                 ffn_hidden_size=16384, vocab_size=92553),
         img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID,
+        template="internvl2_5",
         name="internvl2_5_26b",
     )  # fmt: skip
-
-
-def from_hf_config(source: str | Path | dict, img_context_token_id: int | None = None) -> VLMConfig:
-    """Build from an InternVL Hugging Face ``config.json`` (a path, a model directory, or the dict); the
-    language model is InternLM2 or the family ``llm_config`` names (``llm_families``)."""
-    if isinstance(source, dict):
-        hf = source
-    else:
-        path = Path(source)
-        hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    try:
-        vit, llm = hf["vision_config"], hf["llm_config"]
-        vision = VisionConfig(
-            num_layers=vit["num_hidden_layers"],
-            hidden_size=vit["hidden_size"],
-            num_attention_heads=vit["num_attention_heads"],
-            ffn_hidden_size=vit["intermediate_size"],
-            image_size=hf.get("force_image_size") or vit["image_size"],
-            patch_size=vit["patch_size"],
-            layernorm_epsilon=vit.get("layer_norm_eps", 1e-6),
-            layer_scale_init=vit.get("initializer_factor", 0.1),
-            drop_path_rate=vit.get("drop_path_rate", 0.0),
-            **read_vision_variant(vit),
-        )
-        language = LanguageConfig(
-            num_layers=llm["num_hidden_layers"],
-            hidden_size=llm["hidden_size"],
-            num_attention_heads=llm["num_attention_heads"],
-            num_query_groups=llm.get("num_key_value_heads", llm["num_attention_heads"]),
-            ffn_hidden_size=llm["intermediate_size"],
-            vocab_size=llm["vocab_size"],
-            rotary_base=llm.get("rope_theta", 1e6),
-            layernorm_epsilon=llm.get("rms_norm_eps", 1e-5),
-            max_sequence_length=llm.get("max_position_embeddings", 32768),
-        )
-    except KeyError as err:
-        raise ValueError(f"not an InternVL2 config.json: missing key {err}") from err
-    from megatron_v2pe.model.llm_families import llm_family, read_language_config  # (imports this module)
-
-    family = llm_family(llm)
-    if family != "internlm2":  # Qwen2 / Qwen3 / Llama: their own fields
-        language = read_language_config(llm, family)
-    if family == "internlm2" and llm.get("tie_word_embeddings"):
-        raise ValueError(
-            "unsupported InternVL variant: InternLM2 has untied word embeddings "
-            "(llm_config.tie_word_embeddings must be false)"
-        )
-    return VLMConfig(
-        vision=vision,
-        language=language,
-        img_context_token_id=INTERNVL2_2B_IMG_CONTEXT_ID if img_context_token_id is None else img_context_token_id,
-        downsample_ratio=hf.get("downsample_ratio", 0.5),
-        name=hf.get("_name_or_path", "hf"),
-    )
 
 
 PRESETS = {

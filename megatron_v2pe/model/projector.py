@@ -22,13 +22,14 @@ PROJECTOR_LAYERNORM_EPS = 1e-5
 """InternVL2's ``mlp1`` uses ``nn.LayerNorm`` with its default eps (the ViT's norms use 1e-6)."""
 
 
-def pixel_shuffle(x: Tensor, scale: float) -> Tensor:
+def pixel_shuffle(x: Tensor, scale: float, version: str = "v2") -> Tensor:
     """[n, N, C] patch features (row-major h x w grid, h = w = √N) -> [n, N·scale², C/scale²].
 
-    InternVL2's ``pixel_shuffle`` with ``ps_version='v2'``, step for step, so that pretrained projector
-    weights see the channel order they were trained with: output token (r, c) of the (h·scale) x
-    (w·scale) grid, row-major, holds the patches (r·k + i, c·k + j) for i, j < k = 1/scale, channels
-    ordered (i, j, C).
+    InternVL2's ``pixel_shuffle``, step for step, so that pretrained projector weights see the channel
+    order they were trained with: output token (r, c) of the (h·scale) x (w·scale) grid holds the patches
+    (r·k + i, c·k + j) for i, j < k = 1/scale, channels ordered (i, j, C). ``version='v2'`` lists the
+    tokens row-major (r then c); ``'v1'`` (the configuration class's default) leaves the grid transposed
+    and lists them column-major (c then r).
     """
     n, num_patches, channels = x.shape
     side = math.isqrt(num_patches)
@@ -40,7 +41,10 @@ def pixel_shuffle(x: Tensor, scale: float) -> Tensor:
     x = x.reshape(n, side, side, channels)
     x = x.reshape(n, side, side // k, channels * k)  # fold k neighbours along a row into channels
     x = x.permute(0, 2, 1, 3).reshape(n, side // k, side // k, channels * k * k)  # ... and k rows
-    x = x.permute(0, 2, 1, 3)  # 'v2': back to the rows-then-columns orientation of the patch grid
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3)  # back to the rows-then-columns orientation of the patch grid
+    elif version != "v1":
+        raise ValueError(f"pixel shuffle version must be 'v1' or 'v2', got {version!r}")
     return x.reshape(n, num_patches // (k * k), channels * k * k)
 
 
@@ -59,6 +63,7 @@ class VisionProjector(MegatronModule):
         if config.sequence_parallel:
             raise ValueError("build the projector's TransformerConfig with sequence_parallel=False")
         self.downsample_ratio = vlm.downsample_ratio
+        self.ps_version = vlm.ps_version
         width, hidden = vlm.projector_input_size, vlm.language.hidden_size
         self.layer_norm = torch.nn.LayerNorm(width, eps=PROJECTOR_LAYERNORM_EPS, dtype=config.params_dtype)
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
@@ -71,7 +76,7 @@ class VisionProjector(MegatronModule):
 
     def forward(self, vit_features: Tensor) -> Tensor:
         """[tiles, N, C] (``InternViTModel``'s output) -> [tiles · tokens_per_tile, D], tile-major."""
-        tokens = pixel_shuffle(vit_features, self.downsample_ratio)
+        tokens = pixel_shuffle(vit_features, self.downsample_ratio, self.ps_version)
         tokens = tokens.reshape(-1, tokens.shape[-1])
         hidden, _ = self.linear_fc1(self.layer_norm(tokens))
         hidden, _ = self.linear_fc2(F.gelu(hidden))

@@ -8,7 +8,8 @@ after each branch; everything else (norms, attention, MLP, tensor parallelism) i
 
 Attention is bidirectional: the specs built here set ``AttnMaskType.no_mask`` for every backend. There is
 no final norm: InternViT-300M's ``InternVisionModel`` has none (HF's ``InternVLVisionModel`` neither, with
-``use_mean_pooling=True``), and InternVL2 feeds the last layer's output straight to pixel shuffle.
+``use_mean_pooling=True``), and InternVL2 feeds the output of layer ``select_layer`` (the last, -1, for
+every InternVL2 release) straight to pixel shuffle.
 """
 
 from __future__ import annotations
@@ -155,6 +156,10 @@ class InternViTModel(VisionModule):
             are handed to every layer of ``layer_spec``, which only chooses the modules.
         config: the vision TransformerConfig (``vision_transformer_config``), parallelism and precision.
         layer_spec: ``vision_layer_spec(backend)``.
+
+    Features are the output of ``vision.feature_layers`` layers (``select_layer``). Layers past it stay in
+    the model, so that checkpoints keep every weight of the release, but are frozen: like InternVL,
+    which reads ``hidden_states[select_layer]``, they still run and never learn.
     """
 
     def __init__(
@@ -182,9 +187,18 @@ class InternViTModel(VisionModule):
         self.decoder = TransformerBlock(
             config=config, spec=layer_spec, post_layer_norm=False, pg_collection=pg_collection
         )
+        self.feature_layers = vision.feature_layers
+        for layer in self.decoder.layers[self.feature_layers :]:
+            layer.requires_grad_(False)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [tiles, 3, image_size, image_size] -> patch features [tiles, N, H], the layout
         ``VisionProjector`` takes (patches in row-major order within a tile)."""
-        hidden = self.decoder(self.embeddings(pixel_values), attention_mask=None)
+        embeddings = self.embeddings(pixel_values)
+        if self.feature_layers == len(self.decoder.layers):
+            hidden = self.decoder(embeddings, attention_mask=None)
+        else:  # Megatron-Core's own way to read a layer's output (layers are numbered from 0)
+            _, (hidden,) = self.decoder(
+                embeddings, attention_mask=None, extract_layer_indices={self.feature_layers - 1}
+            )
         return hidden[1:].transpose(0, 1)

@@ -74,6 +74,7 @@ class InternVLModel(MegatronModule):
             lm.vocab_size,
             lm.max_sequence_length,
             rotary_base=lm.rotary_base,
+            dynamic_ntk=lm.dynamic_ntk,
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=lm.tie_word_embeddings,

@@ -85,7 +85,8 @@ class DataSection:
     tokenizer: str | None = None
     max_seq_len: int = 32768  # tokens per pack (after padding)
     max_tiles: int = 128  # tiles per pack
-    max_tiles_per_sample: int = 6
+    max_image_tiles: int | None = None  # grid tiles per image (max_dynamic_patch); None: the model's
+    tile_budget: Literal["per_image", "per_sample"] | None = None  # per_image: V2PE's recipe; None: the model's
     pad_multiple: int | None = None  # sub-sample padding; None: the layout's (packing.padding_multiple).
     # Fix it to the largest layout a run will move between, so that packs do not change on resharding.
     delta_policy: str = "random"  # none | fixed:<δ> | random | auto:<window>
@@ -311,7 +312,7 @@ _LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.loss_chunk_tokens": (lambda v: v >= 1, ">= 1 (tokens per chunk), or null for the full logits"),
     "data.max_seq_len": (lambda v: 1 <= v <= MAX_PACK_TOKENS, f"in [1, {MAX_PACK_TOKENS}] (tokens per pack)"),
     "data.max_tiles": (lambda v: v >= 1, ">= 1 (image tiles per pack)"),
-    "data.max_tiles_per_sample": (lambda v: v >= 1, ">= 1"),
+    "data.max_image_tiles": (lambda v: v >= 1, ">= 1, or null for the model's"),
     "data.pad_multiple": (lambda v: v >= 1, ">= 1, or null for the layout's"),
     "data.pack_buffer_size": (lambda v: v >= 1, ">= 1"),
     "data.shuffle_buffer": (lambda v: v >= 0, ">= 0 (0: no shuffling)"),

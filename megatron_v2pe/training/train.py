@@ -32,6 +32,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.convert.checkpoint import write_model_config
 from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.data.loader import (
     DataConfig,
     DatasetSpec,
@@ -43,9 +44,9 @@ from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
 from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
+from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import (
     VLMConfig,
-    from_hf_config,
     language_transformer_config,
     preset,
     tiny,
@@ -109,7 +110,11 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         )
     if m.rotary_base is not None:
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, rotary_base=m.rotary_base))
+    if vlm.language.dynamic_ntk_factor is not None:
+        logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
+        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
     check_tokenizer_matches(tokenizer, vlm)
+    chat_template(vlm.template)  # refused here, before any data is read, when it is not implemented
     return vlm
 
 
@@ -223,7 +228,8 @@ def data_config(config: TrainConfig) -> DataConfig:
             over_long=d.over_long,
             delta_policy=d.delta_policy,
         ),
-        max_tiles_per_sample=d.max_tiles_per_sample,
+        max_image_tiles=d.max_image_tiles,
+        tile_budget=d.tile_budget,
         shuffle_buffer=d.shuffle_buffer,
         seed=config.training.seed,
         num_workers=d.num_workers,

@@ -6,6 +6,7 @@ give that model's logits, with δ = 1 and with fractional V2PE positions passed 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -18,7 +19,7 @@ from megatron_v2pe.convert.checkpoint import build_model, load_hf_weights
 from megatron_v2pe.convert.cli import main
 from megatron_v2pe.convert.safetensors_io import SafetensorsSource
 from megatron_v2pe.model.llm_families import llm_family
-from megatron_v2pe.model.presets import from_hf_config
+from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.v2pe.positions import compute_positions
 from tests.convert.test_round_trip import IMG, _assert_identical, _tensors
 from tests.convert.tiny_models import (
@@ -28,6 +29,8 @@ from tests.convert.tiny_models import (
     family_config,
     hf_native_model,
     original_release,
+    randomize,
+    text_config,
     write_internvl2,
 )
 
@@ -120,3 +123,35 @@ def _release_config(**llm_changes) -> dict:
 def test_unsupported_language_models_are_refused_by_field(changes, message):
     with pytest.raises(ValueError, match=message):
         from_hf_config(_release_config(**changes))
+
+
+def test_qwen2_dynamic_ntk_gives_transformers_logits_past_the_window(tmp_path):
+    """InternVL3's ``rope_scaling {"rope_type": "dynamic", "factor": 2.0}`` on a Qwen2 release: at δ = 1,
+    40 tokens past a window of 32, the converted model gives transformers' dynamic-NTK Qwen2 logits (θ = 100,
+    so that the scaling shows; plain RoPE differs by far more than the tolerance)."""
+    tensors, hf_config = original_release("qwen2", dtype=torch.float32)
+    llm = hf_config["llm_config"]
+    llm.update(max_position_embeddings=32, rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+    plain_config = text_config("qwen2")
+    plain_config.max_position_embeddings, plain_config.rope_parameters = 32, llm["rope_parameters"]
+    llm["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    directory = write_internvl2(tmp_path / "release", tensors, hf_config)
+    config = LAYOUTS["internvl2"].read_config(hf_config, CONFIG.img_context_token_id)
+    assert config.language.dynamic_ntk_factor == 2.0
+    ours = build_model(config, torch.float32, "reference").eval()
+    load_hf_weights(ours, SafetensorsSource(directory), LAYOUTS["internvl2"], config)
+    from transformers import AutoModelForCausalLM
+
+    dynamic_config = copy.deepcopy(plain_config)
+    dynamic_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100.0}
+    tokens, positions = _text_tokens_and_positions(1.0)
+    logits = {}
+    for name, hf in (("plain", plain_config), ("dynamic", dynamic_config)):
+        reference = randomize(AutoModelForCausalLM.from_config(hf), 0)
+        with torch.no_grad():
+            mask = torch.ones_like(tokens)
+            logits[name] = reference(tokens, position_ids=positions, attention_mask=mask).logits
+    with torch.no_grad():
+        found = ours(input_ids=tokens, positions=positions).reshape(logits["dynamic"].shape)
+    torch.testing.assert_close(found, logits["dynamic"], atol=1e-5, rtol=1e-5)
+    assert (found - logits["plain"]).abs().max() > 1e-3

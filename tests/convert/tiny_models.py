@@ -123,6 +123,10 @@ def internvl2_config(config: VLMConfig = CONFIG) -> dict:
         "downsample_ratio": config.downsample_ratio,
         "force_image_size": vit.image_size,
         "template": "internlm2-chat",
+        "ps_version": config.ps_version,
+        "use_thumbnail": config.image_format.use_thumbnail,
+        "dynamic_image_size": config.image_format.dynamic_image_size,
+        "max_dynamic_patch": config.image_format.max_tiles,
         "vision_config": {
             "num_hidden_layers": vit.num_layers,
             "hidden_size": vit.hidden_size,
@@ -138,6 +142,7 @@ def internvl2_config(config: VLMConfig = CONFIG) -> dict:
         },
         "llm_config": {
             "architectures": ["InternLM2ForCausalLM"],
+            "bias": False,
             "num_hidden_layers": lm.num_layers,
             "hidden_size": lm.hidden_size,
             "num_attention_heads": lm.num_attention_heads,

@@ -16,6 +16,7 @@ from megatron_v2pe.data.images import (
     normalize_tiles,
     num_tiles,
     tile_image,
+    tiling_for_images,
 )
 
 
@@ -75,3 +76,31 @@ def test_decode_image_converts_to_rgb_and_reports_garbage():
         decode_image(b"\x89PNG not really")
     with pytest.raises(ValueError, match="cannot decode image"):
         decode_image(buffer.getvalue()[:40])  # truncated
+
+
+# Worked out by hand with InternVL's rule (the closest aspect ratio among grids of at most the budget's
+# cells; on a tie the later, larger grid wins when the image has more than half its pixels). Budget 12
+# (max_dynamic_patch); per_sample gives each of n images max(1, 12 // n).
+@pytest.mark.parametrize(
+    ("width", "height", "images", "per_image", "per_sample"),
+    [
+        (1344, 896, 1, ((3, 2), 7), ((3, 2), 7)),  # ratio 1.5 exactly
+        (1344, 896, 4, ((3, 2), 7), ((2, 1), 3)),  # budget 3: (1,1) and (2,1) both 0.5 away; larger wins
+        (1344, 896, 13, ((3, 2), 7), ((1, 1), 1)),  # budget max(1, 0): one tile, no thumbnail
+        (1000, 1000, 2, ((3, 3), 10), ((2, 2), 5)),  # ties (1,1), (2,2), (3,3): 1e6 px > half of 9 tiles
+        (2000, 1000, 2, ((4, 2), 9), ((2, 1), 3)),  # (4,2) ties (2,1) and 2e6 px > half of 8 tiles
+        (800, 200, 5, ((4, 1), 5), ((2, 1), 3)),  # budget 2: (2,1) is 2 away, (1,1) 3
+        (300, 1000, 3, ((1, 3), 4), ((1, 3), 4)),  # (2,6) ties (1,3) but 3e5 px < half of 12 tiles
+        (448, 448, 13, ((1, 1), 1), ((1, 1), 1)),
+    ],
+)
+def test_tile_budgets_against_a_hand_computed_table(width, height, images, per_image, per_sample):
+    config = TilingConfig(tile_size=448, max_tiles=12)
+    for budget, (grid, tiles) in (("per_image", per_image), ("per_sample", per_sample)):
+        tiling = tiling_for_images(config, images, budget)
+        assert (choose_grid(width, height, tiling), num_tiles(width, height, tiling)) == (grid, tiles), budget
+
+
+def test_unknown_tile_budget_is_refused():
+    with pytest.raises(ValueError, match="per_image"):
+        tiling_for_images(TilingConfig(), 2, "shared")

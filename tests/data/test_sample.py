@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from megatron_v2pe.data.images import TilingConfig
+from megatron_v2pe.data.loader import DataConfig, DatasetSpec, sample_config
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig
 from megatron_v2pe.data.skips import BadSample, SkipReason
+from megatron_v2pe.model.presets import internvl2_2b
 from tests.data.helpers import context_runs, png_bytes
 
 
@@ -72,3 +76,27 @@ def test_prefix_keeps_whole_images_only(builder):
     assert np.array_equal(cut.tokens, sample.tokens[:second_start])
     with pytest.raises(ValueError, match="inside image 0"):
         sample.prefix(first_end)  # would keep <img> and the slots but not </img>
+
+
+def test_per_image_budget_keeps_every_images_tiles(tokenizer):
+    """The V2PE recipe: 4 images of 2:1 each keep their (2,1) grid + thumbnail (per_sample: 6 // 4 = 1)."""
+    config = SampleConfig(
+        tokens_per_tile=4, tiling=TilingConfig(56, 6), system_message=None, tile_budget="per_image"
+    )
+    images = [png_bytes(112, 56)] * 4
+    sample = SampleBuilder(tokenizer, config).build("k", _record("<image>" * 4 + "what?"), images)
+    assert sample.tiles_per_image.tolist() == [3, 3, 3, 3]
+    assert context_runs(sample.tokens, tokenizer.img_context_id) == [12, 12, 12, 12]
+
+
+def test_the_models_tiling_and_template_unless_the_data_config_sets_them():
+    model = internvl2_2b()
+    data = DataConfig(datasets=(DatasetSpec("unused"),), tokenizer="unused")
+    built = sample_config(data, model)
+    assert (built.tiling.max_tiles, built.tiling.use_thumbnail, built.tile_budget) == (12, True, "per_sample")
+    assert (built.template, built.tokens_per_tile, built.tiling.tile_size) == ("internlm2-chat", 256, 448)
+    chosen = sample_config(dataclasses.replace(data, max_image_tiles=5, tile_budget="per_image"), model)
+    assert (chosen.tiling.max_tiles, chosen.tile_budget) == (5, "per_image")
+    one_tile = dataclasses.replace(model.image_format, dynamic_image_size=False)
+    fixed = dataclasses.replace(model, image_format=one_tile)
+    assert sample_config(data, fixed).tiling.max_tiles == 1

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 
 from megatron_v2pe.data.batch import IGNORE_INDEX
-from megatron_v2pe.data.conversation import ChatTemplate, Turn, parse_conversations
+from megatron_v2pe.data.conversation import ConversationRenderer, Turn, parse_conversations
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.errors import UsageError
@@ -105,7 +105,7 @@ def test_missing_or_bad_tokenizer_says_what_to_give(tmp_path):
 
 
 def _render(tokenizer, turns, images=(), system="You are helpful."):
-    return ChatTemplate(tokenizer, system).render(turns, list(images))
+    return ConversationRenderer(tokenizer, "internlm2-chat", system).render(turns, list(images))
 
 
 def test_chat_template_text(tokenizer):
@@ -117,11 +117,11 @@ def test_chat_template_text(tokenizer):
     ]
     rendered = _render(tokenizer, turns, images=[8])
     expected = (
-        "<|im_start|>system\nYou are helpful.<|im_end|>\n"
-        "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 8 + "</img>What is it?<|im_end|>\n"
-        "<|im_start|>assistant\nA circle.<|im_end|>\n"
-        "<|im_start|>user\nSure?<|im_end|>\n"
-        "<|im_start|>assistant\nYes.<|im_end|>\n"
+        "<|im_start|>system\nYou are helpful.<|im_end|>"
+        "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 8 + "</img>What is it?<|im_end|>"
+        "<|im_start|>assistant\nA circle.<|im_end|>"
+        "<|im_start|>user\nSure?<|im_end|>"
+        "<|im_start|>assistant\nYes.<|im_end|>"
     )
     assert rendered.tokens[0] == tokenizer.bos_id
     assert tokenizer.decode(rendered.tokens[1:].tolist()) == expected
@@ -151,11 +151,11 @@ def test_only_assistant_text_and_its_end_marker_are_supervised(tokenizer):
 
 
 def test_default_system_message_is_internvl2s(tokenizer):
-    rendered = ChatTemplate(tokenizer).render([Turn("user", "q"), Turn("assistant", "a")], [])
+    rendered = ConversationRenderer(tokenizer).render([Turn("user", "q"), Turn("assistant", "a")], [])
     text = tokenizer.decode(rendered.tokens[1:].tolist())
     assert text.startswith(
         "<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "  # noqa: RUF001
-        "是一个有用无害的人工智能助手。<|im_end|>\n<|im_start|>user\nq<|im_end|>"
+        "是一个有用无害的人工智能助手。<|im_end|><|im_start|>user\nq<|im_end|>"
     )
 
 

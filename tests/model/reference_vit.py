@@ -70,13 +70,15 @@ def reference_vit_features(
     return x[:, 1:]
 
 
-def reference_pixel_shuffle(features: torch.Tensor, k: int) -> torch.Tensor:
+def reference_pixel_shuffle(features: torch.Tensor, k: int, version: str = "v2") -> torch.Tensor:
     """Space-to-depth on the row-major patch grid: token (r, c) of the folded grid holds patches
-    (r·k + i, c·k + j), channels ordered (i, j, C); [n, N, C] -> [n, N/k², k²·C]."""
+    (r·k + i, c·k + j), channels ordered (i, j, C); [n, N, C] -> [n, N/k², k²·C]. Tokens are listed
+    row-major ('v2') or column-major ('v1', InternVL's transposed grid)."""
     n, num_patches, channels = features.shape
     side = math.isqrt(num_patches)
     x = features.reshape(n, side // k, k, side // k, k, channels)  # [n, r, i, c, j, C]
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(n, num_patches // (k * k), k * k * channels)
+    order = {"v2": (0, 1, 3, 2, 4, 5), "v1": (0, 3, 1, 2, 4, 5)}[version]
+    return x.permute(*order).reshape(n, num_patches // (k * k), k * k * channels)
 
 
 def reference_projector(
@@ -98,9 +100,11 @@ def reference_image_embeddings(
     num_heads: int,
     patch_size: int,
     shuffle: int,
+    ps_version: str = "v2",
 ) -> torch.Tensor:
-    """[tiles, 3, S, S] -> [tiles · tokens_per_tile, D]: what fills the <IMG_CONTEXT> slots, tile-major."""
+    """[tiles, 3, S, S] -> [tiles · tokens_per_tile, D]: what fills the <IMG_CONTEXT> slots, tile-major;
+    ``num_layers`` ViT layers are run (InternVL's select_layer picks how many)."""
     features = reference_vit_features(vit_state, pixels, num_layers=num_layers, num_heads=num_heads,
                                       patch_size=patch_size)
-    tokens = reference_pixel_shuffle(features, shuffle)
+    tokens = reference_pixel_shuffle(features, shuffle, ps_version)
     return reference_projector(projector_state, tokens.reshape(-1, tokens.shape[-1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -29,6 +30,21 @@ def test_pixel_shuffle_matches_the_index_formula(side, scale):
         assert out[b, r * folded + c, (i * k + j) * channels + ch] == source
 
 
+@pytest.mark.parametrize(("side", "scale"), [(4, 0.5), (6, 1 / 3)])
+def test_pixel_shuffle_v1_lists_the_folded_grid_column_major(side, scale):
+    """ps_version 'v1' (InternVL's configuration default): the same tokens, token (r, c) at c·s + r."""
+    n, channels, k = 2, 3, round(1 / scale)
+    x = torch.arange(n * side * side * channels, dtype=torch.float64).reshape(n, side * side, channels)
+    out = pixel_shuffle(x, scale, "v1")
+    folded = side // k
+    for b, r, c, i, j, ch in itertools.product(*map(range, (n, folded, folded, k, k, channels))):
+        source = x[b, (r * k + i) * side + (c * k + j), ch]
+        assert out[b, c * folded + r, (i * k + j) * channels + ch] == source
+    assert not torch.equal(out, pixel_shuffle(x, scale, "v2"))
+    with pytest.raises(ValueError, match="'v1' or 'v2'"):
+        pixel_shuffle(x, scale, "v3")
+
+
 def test_pixel_shuffle_rejects_grids_it_cannot_fold():
     with pytest.raises(ValueError, match="square"):
         pixel_shuffle(torch.zeros(1, 12, 4), 0.5)
@@ -37,9 +53,11 @@ def test_pixel_shuffle_rejects_grids_it_cannot_fold():
 
 
 @pytest.mark.usefixtures("megatron_runtime")
-def test_projector_matches_float64_reference_tile_major():
+@pytest.mark.parametrize("ps_version", ["v2", "v1"])
+def test_projector_matches_float64_reference_tile_major(ps_version):
     torch.manual_seed(0)
-    projector = VisionProjector(TINY, language_transformer_config(TINY)).eval()
+    config = dataclasses.replace(TINY, ps_version=ps_version)
+    projector = VisionProjector(config, language_transformer_config(config)).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in projector.parameters():
@@ -50,7 +68,7 @@ def test_projector_matches_float64_reference_tile_major():
     with torch.no_grad():
         got = projector(features)
         per_tile = [projector(features[t : t + 1]) for t in range(tiles)]
-    tokens = reference_pixel_shuffle(features.double(), TINY.shuffle_factor)
+    tokens = reference_pixel_shuffle(features.double(), TINY.shuffle_factor, ps_version)
     expected = reference_projector(projector.state_dict(), tokens.reshape(-1, tokens.shape[-1]))
     assert got.shape == (tiles * TINY.tokens_per_tile, TINY.language.hidden_size)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)

@@ -104,11 +104,12 @@ def test_a_released_config_json_reads_as_the_preset():
     """InternVL3-1B's config.json (the same architecture as InternVL2.5-1B), its architecture fields as
     published, dynamic NTK rope_scaling included."""
     from megatron_v2pe.convert.checks import config_differences
-    from megatron_v2pe.model.presets import QWEN_IMG_CONTEXT_ID, from_hf_config
+    from megatron_v2pe.model.internvl_config import from_hf_config
+    from megatron_v2pe.model.presets import QWEN_IMG_CONTEXT_ID
 
     released = {
         "architectures": ["InternVLChatModel"], "downsample_ratio": 0.5, "force_image_size": 448,
-        "template": "internvl2_5", "tie_word_embeddings": False,
+        "ps_version": "v2", "template": "internvl2_5", "tie_word_embeddings": False,
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
             "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_hidden_layers": 24,

@@ -14,6 +14,7 @@ from megatron_v2pe.model.language_model import V2PEGPTModel
 from megatron_v2pe.model.layer_specs import v2pe_layer_spec
 from megatron_v2pe.optional_deps import is_available
 from megatron_v2pe.v2pe.positions import compute_positions
+from megatron_v2pe.v2pe.rotary import DynamicNTK
 from tests.model.reference_lm import reference_logits
 from tests.model.te_state import load_into_te
 
@@ -89,6 +90,36 @@ def test_packed_thd_equals_each_sequence_alone():
         packed = model(ids, None, positions=positions, packed_seq_params=_thd([0, 30, 47, 92]))
         alone = [model(i[None], None, positions=torch.from_numpy(p)[None]) for i, p in samples]
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_ntk_logits_past_the_window_and_per_sequence_in_a_pack():
+    """δ = 1 past a window of 32 with factor 2: a 40-token sequence gives the float64 reference's logits at
+    θ·(2·40/32 − 1)^(d/(d−2)); packed with a 20-token one (inside the window: plain θ), each is as alone.
+    θ = 100, so that the scaling shows in 40 positions."""
+    BASE = 100.0  # noqa: N806
+    torch.manual_seed(7)
+    model = V2PEGPTModel(
+        _config(), v2pe_layer_spec("reference"), VOCAB, 4096, rotary_base=BASE,
+        dynamic_ntk=DynamicNTK(2.0, 32), share_embeddings_and_output_weights=False,
+    ).eval()
+    head_dim = HIDDEN // HEADS
+    rng = np.random.default_rng(4)
+    samples = [(torch.from_numpy(rng.integers(0, VOCAB, n)), np.arange(n, dtype=np.float64)) for n in (40, 20)]
+    with torch.no_grad():
+        alone = [model(i[None], None, positions=torch.from_numpy(p)[None])[0] for i, p in samples]
+        packed = model(
+            torch.cat([i for i, _ in samples])[None], None, packed_seq_params=_thd([0, 40, 60]),
+            positions=torch.from_numpy(np.concatenate([p for _, p in samples]))[None],
+        )[0]
+    scaled = BASE * (2.0 * 40 / 32 - 1) ** (head_dim / (head_dim - 2))
+    for (ids, positions), got, theta in zip(samples, alone, (scaled, BASE)):
+        expected = reference_logits(model.state_dict(), ids, positions, num_layers=LAYERS,
+                                    num_heads=HEADS, num_groups=GROUPS, theta=theta)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    plain = reference_logits(model.state_dict(), *samples[0], num_layers=LAYERS, num_heads=HEADS,
+                             num_groups=GROUPS, theta=BASE)
+    assert (plain - alone[0].double()).abs().max() > 2e-4  # the scaling shows: 10x the tolerance
 
 
 def test_positions_change_the_output():

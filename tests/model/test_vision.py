@@ -69,20 +69,41 @@ def test_output_shapes_and_no_final_norm():
     assert tower.decoder.final_layernorm is None
 
 
-def test_tower_and_projector_match_float64_reference():
-    tower, projector = _tower().eval(), _projector().eval()
+def _check_against_reference(config: VLMConfig, layers_run: int, tiles: int) -> InternViTModel:
+    """Tower + projector against the float64 reference running ``layers_run`` ViT layers by hand."""
+    tower, projector = _tower(config).eval(), _projector(config).eval()
     _randomize(tower, 3)
     _randomize(projector, 4)
-    pixels = _pixels(3)
+    pixels = _pixels(tiles)
     with torch.no_grad():
         got = projector(tower(pixels))
-    vit = TINY.vision
+    vit = config.vision
     expected = reference_image_embeddings(
-        tower.state_dict(), projector.state_dict(), pixels, num_layers=vit.num_layers,
-        num_heads=vit.num_attention_heads, patch_size=vit.patch_size, shuffle=TINY.shuffle_factor,
+        tower.state_dict(), projector.state_dict(), pixels, num_layers=layers_run,
+        num_heads=vit.num_attention_heads, patch_size=vit.patch_size, shuffle=config.shuffle_factor,
     )
     assert expected.abs().max() > 0.5
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+    return tower
+
+
+def test_tower_and_projector_match_float64_reference():
+    _check_against_reference(TINY, TINY.vision.num_layers, tiles=3)
+
+
+@pytest.mark.parametrize(("select_layer", "layers_run"), [(-1, 3), (-2, 2), (1, 1)])
+def test_select_layer_feeds_that_layers_output_to_the_projector(select_layer, layers_run):
+    """InternVL's hidden_states[select_layer] (0: embeddings, -1: last layer) against the ViT run by hand
+    in float64 for exactly that many layers; the layers after it never learn."""
+    tower = _check_against_reference(_config(num_layers=3, select_layer=select_layer), layers_run, tiles=2)
+    trainable = [all(p.requires_grad for p in layer.parameters()) for layer in tower.decoder.layers]
+    assert trainable == [i < layers_run for i in range(3)]
+
+
+@pytest.mark.parametrize("select_layer", [0, -4, 4])
+def test_select_layer_outside_the_tower_is_refused(select_layer):
+    with pytest.raises(ValueError, match=f"select_layer {select_layer} does not pick"):
+        _config(num_layers=3, select_layer=select_layer)
 
 
 def test_reference_spec_attention_is_unmasked():

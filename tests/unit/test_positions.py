@@ -90,6 +90,15 @@ def test_hand_worked_example():
     assert positions[-1] == 233
 
 
+def test_text_after_an_image_is_last_visual_plus_one_when_n_delta_is_fractional():
+    """The paper's rule (text +1 after the last visual position), not the reference's ceil(last) + 1:
+    34 visual tokens at δ = 1/4 after <img> at 66 end at 74.5, so </img> is at 75.5 (the reference: 76)."""
+    mask = np.zeros(110, dtype=bool)
+    mask[67:101] = True
+    positions = compute_positions(mask, [0.25])
+    assert (positions[66], positions[100], positions[101]) == (66, 74.5, 75.5)
+
+
 def test_hand_worked_example_after_another_subsample():
     first = np.array([False, True, True, True, False])
     mask = np.concatenate([first, hand_example_mask()])

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from megatron_v2pe.model.presets import from_hf_config, internvl2_2b, preset, tiny
+from megatron_v2pe.model.internvl_config import from_hf_config
+from megatron_v2pe.model.presets import internvl2_2b, preset, tiny
 
 # The fields of OpenGVLab/InternVL2-2B's config.json that define the architecture (as published).
 INTERNVL2_2B_CONFIG = {
@@ -18,6 +19,7 @@ INTERNVL2_2B_CONFIG = {
     "template": "internlm2-chat",
     "llm_config": {
         "architectures": ["InternLM2ForCausalLM"],
+        "bias": False,
         "hidden_size": 2048,
         "intermediate_size": 8192,
         "max_position_embeddings": 32768,
@@ -38,6 +40,7 @@ INTERNVL2_2B_CONFIG = {
         "intermediate_size": 4096,
         "layer_norm_eps": 1e-06,
         "num_attention_heads": 16,
+        "norm_type": "layer_norm",
         "num_hidden_layers": 24,
         "patch_size": 14,
         "qk_normalization": False,

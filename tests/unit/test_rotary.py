@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_v2pe.v2pe.rotary import V2PERotaryEmbedding, apply_rotary, inverse_frequencies, rotary_angles
+from megatron_v2pe.v2pe.rotary import (
+    DynamicNTK,
+    V2PERotaryEmbedding,
+    apply_rotary,
+    inverse_frequencies,
+    rotary_angles,
+    sequence_lengths,
+)
 
 HEAD_DIM = 128
 THETA = 1e6
@@ -108,3 +115,43 @@ def test_bad_configuration_raises(kwargs, message):
 def test_positions_must_be_1d_or_2d():
     with pytest.raises(ValueError, match=r"\[b, s\]"):
         rotary_angles(torch.zeros(1, 2, 3, dtype=torch.float64), inverse_frequencies(8, 1e4))
+
+
+@pytest.mark.parametrize(("length", "scaled"), [(4096, False), (4097, True), (10000, True)])
+def test_dynamic_ntk_against_the_closed_form(length, scaled):
+    """InternLM2's dynamic NTK: past the window M the base is θ·(f·L/M − (f − 1))^(d/(d−2)), L the
+    sequence length; up to M it is θ. Checked at the last positions of the sequence (prefill) and for
+    the one new position of a decoding step."""
+    window, factor = 4096, 2.0
+    stretch = factor * length / window - (factor - 1)
+    base = THETA * stretch ** (HEAD_DIM / (HEAD_DIM - 2)) if scaled else THETA
+    rope = V2PERotaryEmbedding(HEAD_DIM, rotary_base=THETA, dynamic_ntk=DynamicNTK(factor, window))
+    prefill = rope(torch.arange(length, dtype=torch.float64))[-3:, 0, 0, : HEAD_DIM // 2].double().numpy()
+    step = rope(torch.tensor([float(length - 1)]))[0, 0, 0, : HEAD_DIM // 2].double().numpy()
+    positions = [float(p) for p in range(length - 3, length)]
+    expected = _exact_angles(positions, HEAD_DIM, base)
+    assert _wrapped_error(prefill, expected).max() < 1e-6
+    assert _wrapped_error(step, expected[-1]).max() < 1e-6
+    if scaled:  # the scaling matters: plain RoPE is far off
+        plain = _exact_angles(positions, HEAD_DIM, THETA)
+        assert _wrapped_error(plain, expected).max() > 1e-2
+
+
+def test_dynamic_ntk_needs_a_factor_of_at_least_one():
+    with pytest.raises(ValueError, match="factor >= 1"):
+        DynamicNTK(0.5, 4096)
+
+
+def test_dynamic_ntk_scales_each_sequence_of_a_pack_by_its_own_length():
+    """A pack of a 5000-token sequence (past the window) and a 300-token one: each rotates with its own
+    base, from its own length, as it would alone."""
+    window, factor, lengths = 4096, 2.0, (5000, 300)
+    positions = torch.cat([torch.arange(n, dtype=torch.float64) for n in lengths])[None]
+    cu = torch.tensor([0, 5000, 5300], dtype=torch.int32)
+    per_token = sequence_lengths(positions, cu)
+    assert per_token[0, :5000].eq(5000).all() and per_token[0, 5000:].eq(300).all()
+    rope = V2PERotaryEmbedding(HEAD_DIM, rotary_base=THETA, dynamic_ntk=DynamicNTK(factor, window))
+    angles = rope(positions, per_token)[:, 0, 0, : HEAD_DIM // 2].double().numpy()
+    long_base = THETA * (factor * 5000 / window - (factor - 1)) ** (HEAD_DIM / (HEAD_DIM - 2))
+    assert _wrapped_error(angles[4998:5000], _exact_angles([4998.0, 4999.0], HEAD_DIM, long_base)).max() < 1e-6
+    assert _wrapped_error(angles[5298:], _exact_angles([298.0, 299.0], HEAD_DIM, THETA)).max() < 1e-6
