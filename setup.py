@@ -11,6 +11,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_v2pe", "megatron_v2pe.*"]),
+    # the demos' configuration ships with the package (examples/configs/tiny_cpu.yaml links to it)
+    package_data={"megatron_v2pe": ["configs/*.yaml"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6,<2.15",

@@ -46,8 +46,8 @@ from megatron_v2pe.data.long_context_synth import (
 )
 from megatron_v2pe.data.tokenizer import train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory the package is imported from
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"  # package data
 TINY_TILE = 56  # the tiny preset's image_size
 MULTIPLES = (1, 2, 4, 8)
 TOKENS_PER_TILE = 4  # the tiny preset's
@@ -199,9 +199,9 @@ def train_runs(runs: dict[str, str], data: dict, args: argparse.Namespace) -> No
         log = (run / "train.log").open("a")  # a resumed run appends
         command = [sys.executable, "-m", "megatron_v2pe.training.train", *arguments]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         procs[name] = (
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
             log,
         )
         print(f"{name}: training {args.steps} steps (δ {policy}), log {run / 'train.log'}", flush=True)

@@ -21,7 +21,7 @@ from megatron_v2pe.data.long_context_synth import FAMILIES, SynthConfig, generat
 from megatron_v2pe.data.tokenizer import train_sentencepiece
 from megatron_v2pe.training import train
 
-CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"  # package data
 TINY_TILE = 56  # the tiny preset's image_size
 TOKENS_PER_TILE = 4
 

@@ -6,16 +6,15 @@ import json
 import subprocess
 import sys
 
-from tests.parallel.launch import REPO_ROOT
 
-
-def test_demo_trains_and_saves_a_checkpoint(tmp_path):
+def test_demo_trains_and_saves_a_checkpoint(tmp_path, installed_package):
     out = tmp_path / "demo"
     metrics = tmp_path / "metrics.jsonl"
     cmd = [sys.executable, "-m", "megatron_v2pe.training.demo", "--out", str(out), "--steps", "40",
            "--samples", "16", "checkpoint.save_interval=40", "logging.log_interval=10",
            f"logging.metrics_file={metrics}"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=installed_package["cwd"], env=installed_package["env"], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 40

@@ -7,12 +7,10 @@ import json
 import subprocess
 import sys
 
-from tests.parallel.launch import REPO_ROOT
-
 MULTIPLES = ("1x", "2x", "4x", "8x")
 
 
-def _run(out, steps: int, *extra: str) -> subprocess.CompletedProcess:
+def _run(installed: dict, out, steps: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -31,12 +29,13 @@ def _run(out, steps: int, *extra: str) -> subprocess.CompletedProcess:
         "2",
         *extra,
     ]
-    return subprocess.run(cmd, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, check=False, cwd=installed["cwd"], env=installed["env"], capture_output=True,
+                          text=True, timeout=300)
 
 
-def test_eval_demo_trains_both_models_and_reports_every_length(tmp_path):
+def test_eval_demo_trains_both_models_and_reports_every_length(tmp_path, installed_package):
     out = tmp_path / "v2pe_demo"
-    proc = _run(out, steps=6)
+    proc = _run(installed_package, out, steps=6)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["models"]) == {"v2pe", "baseline"}
@@ -66,9 +65,9 @@ def test_eval_demo_trains_both_models_and_reports_every_length(tmp_path):
     assert (out / "accuracy_vs_length.png").stat().st_size > 0
     assert "baseline" in proc.stdout and "δ auto" in proc.stdout
     # a second run reuses the checkpoints and the data
-    again = _run(out, steps=6)
+    again = _run(installed_package, out, steps=6)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert again.stdout.count("reusing the checkpoint") == 2
     # other settings in the same directory are refused rather than mixed with the old runs
-    other = _run(out, 6, "--rotary-base", "500")
+    other = _run(installed_package, out, 6, "--rotary-base", "500")
     assert other.returncode != 0 and "trained with other settings" in other.stderr, other.stderr[-3000:]
