@@ -9,7 +9,9 @@ are rotated so that the worker that owed the next batch produces first.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,6 +263,27 @@ def _worker_init(_worker_id: int) -> None:
     ignore_exit_signals()  # after torch's own handlers: a worker's SIGTERM is not the trainer's
 
 
+# Worker iterators not yet shut down. Workers ignore SIGTERM, so multiprocessing's clean-up at exit
+# (terminate, then join) would wait forever for those of an iterator left open (say, referenced by the
+# traceback of an error): they are killed first (atexit runs this before multiprocessing's own hook).
+_open_worker_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_workers_left_open() -> None:
+    for iterator in list(_open_worker_iterators):
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+
+
+def _close(iterator: Any) -> None:
+    """Stop an iterator's worker processes now (torch would only do it when the iterator is collected)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class DataStateMismatch(ValueError):
     """A saved data-loader state that does not belong to this loader's data or layout."""
 
@@ -290,19 +313,23 @@ class PackedBatchLoader:
         if self.config.num_workers == 0:
             items: Any = iter(streams)
         else:
-            items = torch.utils.data.DataLoader(
+            items = iter(torch.utils.data.DataLoader(
                 streams,
                 batch_size=None,
                 num_workers=self.config.num_workers,
                 collate_fn=_as_is,
                 prefetch_factor=self.config.prefetch_factor,
                 worker_init_fn=_worker_init,
-            )
-        for role, batch, state in items:
-            self._states[role] = state
-            if batch is not None:
-                self._consumed += 1
-                yield batch
+            ))  # fmt: skip
+            _open_worker_iterators.add(items)
+        try:
+            for role, batch, state in items:
+                self._states[role] = state
+                if batch is not None:
+                    self._consumed += 1
+                    yield batch
+        finally:
+            _close(items)
         logger.info(
             "data of rank %d exhausted after %d packs; %s", self.rank, self._consumed, self.stats().summary()
         )

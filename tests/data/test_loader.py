@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from itertools import islice
 
@@ -14,6 +17,7 @@ from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader
 from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.model.presets import tiny
 from tests.data.helpers import subsample_items, write_items
+from tests.parallel.launch import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,31 @@ def test_tokenizer_and_model_must_agree(items_manifest, tokenizer_path, tokenize
     wrong = tiny(vocab_size=tokenizer.vocab_size, img_context_token_id=3)
     with pytest.raises(ValueError, match=f"<IMG_CONTEXT> id is {tokenizer.img_context_id} but the model"):
         next(iter(PackedBatchLoader(config, wrong)))
+
+
+_LEFT_OPEN = """
+import sys
+from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader
+from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.tokenizer import load_tokenizer
+from megatron_v2pe.model.presets import tiny
+
+manifest, tokenizer_path = sys.argv[1:3]
+tokenizer = load_tokenizer(tokenizer_path)
+config = DataConfig(datasets=(DatasetSpec(manifest),), tokenizer=tokenizer_path, system_message=None,
+                    pack=PackConfig(max_seq_len=256, max_tiles=12, pad_multiple=4, buffer_size=4),
+                    num_workers=2, seed=11)
+model = tiny(vocab_size=tokenizer.vocab_size, img_context_token_id=tokenizer.img_context_id)
+batches = iter(PackedBatchLoader(config, model))
+next(batches)  # the workers run on, and the iterator stays open until the interpreter exits
+print("first batch", flush=True)
+"""
+
+
+def test_workers_of_a_loader_left_open_do_not_keep_the_process_from_exiting(items_manifest, tokenizer_path):
+    """Workers ignore SIGTERM (the trainer decides on preemption), so multiprocessing's exit clean-up
+    (terminate, then join) alone would wait for them forever."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(items_manifest), str(tokenizer_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "first batch" in proc.stdout, proc.stderr[-3000:]
