@@ -1,4 +1,5 @@
-"""Text <-> token ids for InternVL2-style models, with the special tokens of V2PE.md §3.
+"""Text <-> token ids for InternVL-style models, with the special tokens that place images
+(``<img>``, ``<IMG_CONTEXT>``, ``</img>``).
 
 Two backends: a sentencepiece ``.model`` file (InternLM2's ``tokenizer.model``, or a directory holding one)
 and a Hugging Face tokenizer directory. The image and grounding tokens are appended after the base

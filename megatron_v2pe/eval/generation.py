@@ -1,6 +1,6 @@
 """Greedy or sampled decoding of an InternVLModel with V2PE positions, for batches of prompts.
 
-Prompt positions come from a δ policy (V2PE.md §1): ``auto:<window>`` by default, ``fixed:<δ>`` or
+Prompt positions come from a δ policy (text +1, visual +δ): ``auto:<window>`` by default, ``fixed:<δ>`` or
 ``none``; the k-th generated token of a prompt sits at (its last prompt position) + k. With ``use_cache``
 the prompts are prefilled ``prefill_chunk`` tokens at a time into a preallocated KV cache
 (``eval/prefill.py``, ``eval/kv_cache.py``) and every step feeds one new token per prompt; without it

@@ -1,6 +1,6 @@
 """Progress of a run: one line per log interval, TensorBoard events, optional W&B, a metrics file.
 
-Throughput is accounted as DESIGN.md asks: tokens/s counts real (unpadded) tokens of the global batch;
+Throughput is accounted the Megatron way: tokens/s counts real (unpadded) tokens of the global batch;
 model FLOPs come from ``model.flops.training_flops_per_pack`` (matmuls only, causal attention per
 sub-sample, backward = 2x forward), divided by wall time and the number of processes; MFU divides that
 by the stated per-GPU peak (H100 SXM dense bf16 by default, named in the first line).

@@ -1,7 +1,7 @@
 """Forward and backward of one global batch through Megatron-Core's pipeline schedules.
 
 The loss is Σ w·CE / Σ w with the denominator summed over every micro-batch of every data- and
-context-parallel rank (V2PE.md §4), so a token weighs the same whatever the layout. Σ w is known from
+context-parallel rank, so a token weighs the same whatever the layout. Σ w is known from
 the data before the forward pass, so each micro-batch's loss is divided by the global Σ w up front; the
 schedules then run with ``calculate_per_token_loss`` (no averaging over micro-batches or ranks) and
 gradients are summed across data- and context-parallel ranks.
