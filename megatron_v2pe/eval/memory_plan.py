@@ -9,6 +9,7 @@ activations exceed the free memory is refused with the numbers instead of failin
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from megatron_v2pe.parallel.torch_attention import TorchAttention
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+_LARGEST_LOGGED = weakref.WeakKeyDictionary()  # model -> the largest plan (bytes) logged for it so far
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,12 @@ def _vision_bytes(model, chunk: int, exact: bool, size: int) -> int:
 def checked_plan(
     model, num_sequences: int, capacity: int, chunk: int, logit_rows: int, cp_size: int
 ) -> MemoryPlan:
-    """``plan_memory``, logged, and refused when it cannot fit."""
+    """``plan_memory``, refused when it cannot fit; logged when it is the largest so far for this model
+    (an evaluation calls this once per batch: the log shows the peak, not one line per batch)."""
     plan = plan_memory(model, num_sequences, capacity, chunk, logit_rows, cp_size)
-    log.info("%s", plan)
+    needed = plan.kv_cache + plan.activations
+    if needed > _LARGEST_LOGGED.get(model, -1):
+        _LARGEST_LOGGED[model] = needed
+        log.info("%s", plan)
     plan.check()
     return plan

@@ -4,6 +4,9 @@ log-sum-exp partials against a float64 softmax."""
 
 from __future__ import annotations
 
+import re
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +117,15 @@ def test_memory_plan_counts_the_cache_and_refuses_what_cannot_fit(model, monkeyp
     monkeypatch.setattr(memory_plan, "free_bytes", lambda device: 1000)
     with pytest.raises(ValueError, match=r"needs \d+\.\d+ GiB beyond the weights but 0\.00 GiB are free"):
         generate(model, _prompts(), 2)
+
+
+def test_memory_plan_is_logged_only_when_it_is_the_largest_so_far(model, caplog, monkeypatch):
+    monkeypatch.setattr(memory_plan, "_LARGEST_LOGGED", weakref.WeakKeyDictionary())  # other tests' runs
+    caplog.set_level("INFO", logger=memory_plan.__name__)
+    for capacity in (37, 37, 20, 64, 64):  # an evaluation's batches: the log shows the peak
+        memory_plan.checked_plan(model, 3, capacity, 8, 3, 1)
+    logged = [r.getMessage() for r in caplog.records if r.name == memory_plan.__name__]
+    assert [re.search(r"\(([\d,]+) tokens per sequence", line)[1] for line in logged] == ["37", "64"]
 
 
 @pytest.mark.parametrize("prefix, causal_new", [(0, True), (7, False), (7, True)])
