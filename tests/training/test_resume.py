@@ -44,9 +44,11 @@ def test_resume_after_sigkill_is_bit_identical(synth_data, tmp_path):
     run = tiny_overrides(
         synth_data, **common, **{"checkpoint.save": save, "checkpoint.save_interval": SAVED_AT}
     )
-    first = start_training([*run, f"logging.metrics_file={tmp_path / 'first.jsonl'}"], tmp_path / "first.log")
+    first = start_training(
+        [*run, f"logging.metrics_file={tmp_path / 'first.jsonl'}"], tmp_path / "first.log", own_process_group=True
+    )
     wait_for(lambda: latest_iteration(save) == SAVED_AT, first, tmp_path / "first.log")
-    first.send_signal(signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)  # the trainer and its helper processes, as a node failure does
     first.wait()
     assert latest_iteration(save) == SAVED_AT, "the run got past the next save before it was killed"
 
