@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.images import normalize_tiles
 from megatron_v2pe.data.sample import TokenizedSample
 from megatron_v2pe.data.skips import DataEvent, SkipReason

@@ -31,7 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.convert.checkpoint import write_model_config
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.data.loader import (
     DataConfig,
