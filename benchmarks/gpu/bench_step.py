@@ -31,7 +31,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.model.flops import H100_BF16_DENSE_PEAK, mfu, training_flops_per_pack
 from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
 from megatron_v2pe.model.presets import language_transformer_config, preset, vision_transformer_config

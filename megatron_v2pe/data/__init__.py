@@ -2,7 +2,8 @@
 
 tokenizer (ids and special tokens) · conversation (records, chat template) · images (tiling) · sample
 (record -> tokens, labels, tiles) · shards (format, writing, reading) · source (splitting, shuffling,
-blending, resume) · packing (PackedBatch assembly) · loader (what the trainer iterates) · skips (bad input)
-· long_context_synth (synthetic long-context tasks) · batch (the batch type) · synthetic (the LM demo task).
+blending, resume) · packing (which samples share a pack, loss weights) · loader (what the trainer iterates) · skips (bad input)
+· long_context_synth (synthetic long-context tasks) · synthetic (the LM demo task). The batch type,
+PackedBatch, is ``megatron_v2pe.batch``.
 See docs/data_format.md.
 """

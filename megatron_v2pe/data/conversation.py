@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.utils.data
 
-from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
 from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig
 from megatron_v2pe.data.packing import Fit, PackConfig, Packer, fit_sample

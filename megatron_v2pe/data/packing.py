@@ -24,11 +24,11 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch, SubSample
 from megatron_v2pe.data.images import normalize_tiles
 from megatron_v2pe.data.sample import TokenizedSample
 from megatron_v2pe.data.skips import DataEvent, SkipReason
-from megatron_v2pe.v2pe.positions import DeltaPolicy, compute_positions, parse_delta_policy
+from megatron_v2pe.v2pe.positions import DeltaPolicy, parse_delta_policy
 
 MAX_PACK_TOKENS = 262_144
 """256K: the longest context V2PE trains at."""
@@ -124,38 +124,24 @@ def assemble_pack(
     """The PackedBatch of these sub-samples, in this order."""
     if not samples:
         raise ValueError("cannot assemble an empty pack")
-    if pad_token_id == img_context_id:
-        raise ValueError(f"pad_token_id {pad_token_id} is the <IMG_CONTEXT> id; padding must be a text token")
-    lengths = np.array([len(s) for s in samples], dtype=np.int64)
-    padded = np.array([config.padded_length(n) for n in lengths], dtype=np.int64)
-    cu_seqlens = np.concatenate(([0], np.cumsum(lengths)))
-    cu_padded = np.concatenate(([0], np.cumsum(padded)))
-    total = int(cu_padded[-1])
-    tokens = np.full(total, pad_token_id, dtype=np.int64)
-    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
-    weights = np.zeros(total, dtype=np.float32)
-    for sample, start in zip(samples, cu_padded[:-1], strict=True):
-        n = len(sample)
-        tokens[start : start + n] = sample.tokens
-        shifted = sample.labels[1:]
-        labels[start : start + n - 1] = shifted
-        supervised = shifted != IGNORE_INDEX
-        per_token = 1.0 if config.loss_weighting == "token" else 1.0 / np.sqrt(np.count_nonzero(supervised))
-        weights[start : start + n - 1] = np.where(supervised, per_token, 0.0)
-    real_visual = np.concatenate([s.tokens == img_context_id for s in samples])
-    deltas = policy.deltas(real_visual, cu_seqlens, rng)
-    positions = compute_positions(tokens == img_context_id, deltas, cu_padded)
-    return PackedBatch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_weights=torch.from_numpy(weights),
-        positions=torch.from_numpy(positions),
-        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
-        cu_seqlens_padded=torch.from_numpy(cu_padded.astype(np.int32)),
+    return PackedBatch.from_sequences(
+        [_sub_sample(s, config.loss_weighting) for s in samples],
         pixel_values=_pixel_values(samples),
         tiles_per_image=torch.from_numpy(np.concatenate([s.tiles_per_image for s in samples])),
-        deltas=torch.from_numpy(np.asarray(deltas, dtype=np.float64)),
+        pad_multiple=config.pad_multiple,
+        pad_token_id=pad_token_id,
+        img_context_id=img_context_id,
+        delta_policy=policy,
+        rng=rng,
     )
+
+
+def _sub_sample(sample: TokenizedSample, loss_weighting: str) -> SubSample:
+    """The sample with labels shifted by one (label i is token i + 1) and its loss weights."""
+    labels = np.append(sample.labels[1:], IGNORE_INDEX)
+    supervised = labels != IGNORE_INDEX
+    per_token = 1.0 if loss_weighting == "token" else 1.0 / np.sqrt(np.count_nonzero(supervised))
+    return SubSample(sample.tokens, labels, np.where(supervised, per_token, 0.0))
 
 
 def _pixel_values(samples: Sequence[TokenizedSample]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import (
     INTERNVL2_SYSTEM_MESSAGE,
     ConversationRenderer,

@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.model.chunked_loss import ChunkedLossProcessor
 from megatron_v2pe.model.fusions import Fusions
 from megatron_v2pe.model.language_model import V2PEGPTModel

@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from torch import Tensor
 
-from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.batch import PackedBatch
 
 
 def zigzag_token_indices(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tensor:

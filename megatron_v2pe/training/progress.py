@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.data.skips import DataEvent, SkipReason, SkipStats
 from megatron_v2pe.model.flops import mfu, training_flops_per_pack
 from megatron_v2pe.model.presets import VLMConfig

@@ -19,7 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from megatron_v2pe.data.batch import PackedBatch
+from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.model.vlm import model_inputs, weighted_loss
 from megatron_v2pe.parallel.runtime import current_device
 

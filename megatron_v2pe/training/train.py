@@ -30,8 +30,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.convert.checkpoint import write_model_config
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.conversation import chat_template
 from megatron_v2pe.data.loader import (
     DataConfig,
@@ -146,7 +146,7 @@ def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=True,
         # Packs differ in length; the pipeline schedules need one shape, so packs are padded to
-        # max_seq_len there (pad_pack) and may keep their own length without pipelining.
+        # max_seq_len there (PackedBatch.padded_to) and may keep their own length without pipelining.
         variable_seq_lengths=p.pipeline_model_parallel_size == 1,
         # TransformerConfig rejects variable lengths with the default MoE dispatcher even without
         # experts; the dispatcher is unused here.
@@ -233,28 +233,6 @@ def data_config(config: TrainConfig) -> DataConfig:
         shuffle_buffer=d.shuffle_buffer,
         seed=config.training.seed,
         num_workers=d.num_workers,
-    )
-
-
-def pad_pack(batch: PackedBatch, length: int, pad_token_id: int) -> PackedBatch:
-    """Extend the last sub-sample's padding so the pack holds ``length`` tokens (pipeline stages
-    exchange tensors of one shape). Padding has no loss weight, and causal attention keeps it out of
-    the real tokens."""
-    extra = length - batch.num_tokens
-    if extra == 0:
-        return batch
-    last = batch.positions[-1] if batch.num_tokens else batch.positions.new_zeros(())
-    cu_padded = batch.cu_seqlens_padded.clone()
-    cu_padded[-1] = length
-    return dataclasses.replace(
-        batch,
-        tokens=torch.cat([batch.tokens, batch.tokens.new_full((extra,), pad_token_id)]),
-        labels=torch.cat([batch.labels, batch.labels.new_full((extra,), IGNORE_INDEX)]),
-        loss_weights=torch.cat([batch.loss_weights, batch.loss_weights.new_zeros(extra)]),
-        positions=torch.cat(
-            [batch.positions, last + torch.arange(1, extra + 1, dtype=batch.positions.dtype)]
-        ),
-        cu_seqlens_padded=cu_padded,
     )
 
 
@@ -426,7 +404,7 @@ def _prepare(
     """This rank's micro-batches: padded to one length under pipelining, then sharded for CP."""
     p = config.parallel
     if p.pipeline_model_parallel_size > 1:
-        packs = [pad_pack(b, config.data.max_seq_len, tokenizer.pad_id) for b in packs]
+        packs = [b.padded_to(config.data.max_seq_len, tokenizer.pad_id) for b in packs]
     cp = p.context_parallel_size
     return (
         [shard_batch(b, cp, ps.get_context_parallel_rank(), vlm.img_context_token_id) for b in packs]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.data.shards import ShardWriter
 from megatron_v2pe.data.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.images import TilingConfig
 from megatron_v2pe.data.packing import PackConfig, Packer, assemble_pack, fit_sample, padding_multiple
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig

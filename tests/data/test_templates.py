@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import TEMPLATES, ConversationRenderer, Turn, chat_template
 from megatron_v2pe.data.sample import SampleConfig
 from megatron_v2pe.data.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import ConversationRenderer, Turn, parse_conversations
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer

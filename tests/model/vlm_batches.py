@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_v2pe.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_v2pe.batch import IGNORE_INDEX, PackedBatch
 from megatron_v2pe.model.presets import VLMConfig
 from megatron_v2pe.v2pe.positions import compute_positions
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from megatron_v2pe.data.batch import IGNORE_INDEX
+from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.images import TilingConfig, normalize_tiles
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig
 from megatron_v2pe.data.skips import BadSample
