@@ -1,11 +1,11 @@
-"""Conversation records and the chat templates they are rendered with.
+r"""Conversation records and the chat templates they are rendered with.
 
 A record (InternVL's format) holds ``conversations``: a list of ``{"from": role, "value": text}`` with
 role ``system`` (first turn only), ``human`` or ``gpt`` (``user``/``assistant`` are accepted too). Each
 ``<image>`` in a text stands for the next image of the sample.
 
 A template (``TEMPLATES``, chosen by name: InternVL's config.json ``template`` field) says how turns become
-text, as InternVL's fine-tuning renders them (one line each; ``\n`` is a newline)::
+text, as InternVL's fine-tuning renders them (each one string, wrapped here; ``\n`` is a newline)::
 
     internlm2-chat  <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{q}<|im_end|>
                     <|im_start|>assistant\n{a}<|im_end|>...           (every text stripped)
