@@ -19,7 +19,7 @@ from typing import Any
 import torch.utils.data
 
 from megatron_v2pe.batch import PackedBatch
-from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
+from megatron_v2pe.data.conversation import SystemMessage
 from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig
 from megatron_v2pe.data.packing import Fit, PackConfig, Packer, fit_sample
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig, TokenizedSample
@@ -65,7 +65,7 @@ class DataConfig:
     tile_budget: str | None = None  # per_image: each image up to max_image_tiles (V2PE's recipe) |
     # per_sample: n images get max(1, max_image_tiles // n) each (InternVL's)
     use_thumbnail: bool | None = None
-    system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
+    system_message: str | None | SystemMessage = SystemMessage.TEMPLATE  # None: no system turn
     shuffle_buffer: int = 64
     seed: int = 1234
     num_workers: int = 2

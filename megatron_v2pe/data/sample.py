@@ -20,8 +20,8 @@ import numpy as np
 
 from megatron_v2pe.batch import IGNORE_INDEX
 from megatron_v2pe.data.conversation import (
-    INTERNVL2_SYSTEM_MESSAGE,
     ConversationRenderer,
+    SystemMessage,
     chat_template,
     count_placeholders,
     parse_conversations,
@@ -39,7 +39,7 @@ class SampleConfig:
 
     tokens_per_tile: int
     tiling: TilingConfig = field(default_factory=TilingConfig)
-    system_message: str | None = INTERNVL2_SYSTEM_MESSAGE
+    system_message: str | None | SystemMessage = SystemMessage.TEMPLATE  # None: no system turn
     template: str = "internlm2-chat"
     tile_budget: str = "per_sample"
 

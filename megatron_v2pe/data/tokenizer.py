@@ -43,6 +43,10 @@ IMAGE_AND_GROUNDING_TOKENS: tuple[str, ...] = (
 CHAT_TOKENS: tuple[str, ...] = (IM_START, IM_END)
 """InternLM2's tokenizer has these in its base vocabulary; other tokenizers get them appended."""
 
+PHI3_CHAT_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+"""Split out where the tokenizer defines them (Phi-3's does), never appended: only a Phi-3 model has
+embeddings for them."""
+
 
 class _Backend(Protocol):
     """What a tokenizer library must provide: plain-text encoding and the ids it already knows."""
@@ -133,19 +137,27 @@ class Tokenizer:
             if known is None:
                 known, next_id = next_id, next_id + 1
             self._special_ids[token] = known
+        for token in PHI3_CHAT_TOKENS:
+            known = backend.known_id(token)
+            if known is not None:
+                self._special_ids[token] = known
         self._special_tokens = {i: t for t, i in self._special_ids.items()}
         self.vocab_size = max(next_id, max(self._special_ids.values()) + 1)
         alternatives = sorted(self._special_ids, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
 
     def token_id(self, token: str) -> int:
-        """Id of a special token (one of IMAGE_AND_GROUNDING_TOKENS or CHAT_TOKENS)."""
+        """Id of a special token (one of IMAGE_AND_GROUNDING_TOKENS or CHAT_TOKENS, or of PHI3_CHAT_TOKENS
+        where the tokenizer defines it)."""
         try:
             return self._special_ids[token]
         except KeyError:
             raise ValueError(
                 f"{token!r} is not a special token; known: {sorted(self._special_ids)}"
             ) from None
+
+    def is_special(self, token: str) -> bool:
+        return token in self._special_ids
 
     @property
     def img_start_id(self) -> int:

@@ -242,8 +242,9 @@ TOP_FIELDS: dict[str, Rule] = {
     "pad2square": Require((False,), "padding images to squares is not implemented", default=False),
     "ps_version": Use("ps_version", "v1"),
     "select_layer": Use("vision.select_layer", -1),
-    "system_message": Require((None,), "a release's own system message is not carried over; set "
-                              "data.system_message to it", default=None),
+    "system_message": Require((None,), "training takes the template's default system message, as "
+                              "InternVL's does; remove the field, or give the text as the records' system "
+                              "turn", default=None),
     "template": Use("template"),
     "tie_word_embeddings": Require((False,), "InternVLChatModel ties nothing itself: llm_config's "
                                    "tie_word_embeddings decides", default=False),

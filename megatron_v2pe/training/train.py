@@ -32,7 +32,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.convert.checkpoint import write_model_config
-from megatron_v2pe.data.conversation import chat_template
+from megatron_v2pe.data.conversation import chat_template, check_markers
 from megatron_v2pe.data.loader import (
     DataConfig,
     DatasetSpec,
@@ -114,7 +114,7 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
         logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
         vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
     check_tokenizer_matches(tokenizer, vlm)
-    chat_template(vlm.template)  # refused here, before any data is read, when it is not implemented
+    check_markers(chat_template(vlm.template), tokenizer)  # refused here, before any data is read
     return vlm
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -250,3 +251,30 @@ def test_under_torchrun_rank_0_alone_prints_and_exit_code_is_2(synth_data):
     assert "vocabulary = 641 is not divisible by tensor_model_parallel_size 2" in errors[0]
     assert "exitcode  : 2" in output  # torchrun's report of the first rank to exit
     assert "megatron_v2pe/" not in output  # no traceback through the project's code
+
+
+@pytest.mark.parametrize(
+    "template, refusal",
+    [
+        ("internvl2_5", None),
+        ("Hermes-2", None),
+        ("vicuna", "chat template 'vicuna' .*not implemented"),
+        ("phi3-chat", "'phi3-chat' needs .*<\\|end\\|>.* as special tokens"),  # the tokenizer lacks them
+    ],
+)
+def test_the_trainer_takes_every_implemented_template_of_an_internvl3_config(
+    synth_data, tmp_path, template, refusal
+):
+    from megatron_v2pe.data.tokenizer import load_tokenizer
+    from megatron_v2pe.training.train import model_config
+    from tests.unit.test_internvl_config import INTERNVL3_1B
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**INTERNVL3_1B, "template": template}))
+    tokenizer = load_tokenizer(synth_data[1])
+    c = config(synth_data, **{"model.hf_config": path, "model.img_context_token_id": tokenizer.img_context_id})
+    if refusal is None:
+        assert model_config(c, tokenizer).template == template
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            model_config(c, tokenizer)
