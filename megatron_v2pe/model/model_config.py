@@ -48,7 +48,9 @@ class ModelConfig:
             return {}
         fields: dict[str, Any] = {"recompute_granularity": self.recompute_granularity}
         if self.recompute_granularity == "full":
-            fields.update(recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers)
+            fields.update(
+                recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers
+            )
         elif self.recompute_modules is not None:
             fields.update(recompute_modules=list(self.recompute_modules))
         return fields

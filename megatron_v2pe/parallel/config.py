@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_v2pe.errors import UsageError
@@ -17,16 +18,21 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
 
     @property
+    def model_parallel_sizes(self) -> tuple[int, int, int]:
+        """(TP, PP, CP): the ranks one model replica spans are their product."""
+        return self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+
+    @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        return math.prod(self.model_parallel_sizes)
 
     def check_world_size(self, world_size: int) -> None:
         """Raise UsageError unless ``world_size`` processes hold whole model replicas."""
         if world_size % self.model_parallel_size:
+            tp, pp, cp = self.model_parallel_sizes
             n = self.model_parallel_size
             raise UsageError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-                f"pipeline_model_parallel_size x context_parallel_size = {self.tensor_model_parallel_size} x "
-                f"{self.pipeline_model_parallel_size} x {self.context_parallel_size} = {n}; change the "
-                f"parallel sizes or launch a multiple of {n} processes"
+                f"pipeline_model_parallel_size x context_parallel_size = {tp} x {pp} x {cp} = {n}; change "
+                f"the parallel sizes or launch a multiple of {n} processes"
             )

@@ -303,7 +303,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
 
 def _validate_parallel(config: TrainConfig, world_size: int) -> None:
     p, t = config.parallel, config.training
-    sizes = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
+    sizes = p.model_parallel_sizes
     if min(sizes) < 1:
         raise ConfigError(f"parallel sizes must be >= 1, got TP, PP, CP = {sizes}")
     try:
