@@ -45,7 +45,8 @@ except ImportError:  # not installed: use the checkout this script lives in
 
 import torch
 
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackStream
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import PackStream
 from megatron_v2pe.data.long_context_synth import (
     FAMILIES,
     SynthConfig,
@@ -53,7 +54,6 @@ from megatron_v2pe.data.long_context_synth import (
     generate,
     write_samples,
 )
-from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.shards import ShardWriter
 from megatron_v2pe.data.source import Consumer
 from megatron_v2pe.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -61,8 +61,8 @@ from megatron_v2pe.model.flops import H100_BF16_DENSE_PEAK, training_flops_per_p
 from megatron_v2pe.model.presets import VLMConfig, internvl2_2b
 
 MFU = 0.40
-PACK_32K = PackConfig(max_seq_len=32768, max_tiles=128, pad_multiple=2, buffer_size=32)
-PACK_256K = PackConfig(max_seq_len=262144, max_tiles=1024, pad_multiple=2, buffer_size=16)
+PACK_32K = {"max_seq_len": 32768, "max_tiles": 128, "pad_multiple": 2, "pack_buffer_size": 32}
+PACK_256K = {"max_seq_len": 262144, "max_tiles": 1024, "pad_multiple": 2, "pack_buffer_size": 16}
 
 
 def write_long_dataset(directory: Path, samples: int, context_tokens: int) -> list[str]:
@@ -109,11 +109,11 @@ def benchmark_model(tokenizer_path: str) -> VLMConfig:
     return dataclasses.replace(internvl2_2b(), img_context_token_id=tokenizer.img_context_id)
 
 
-def data_config(manifests: list[str], tokenizer_path: str, pack: PackConfig) -> DataConfig:
+def data_config(manifests: list[str], tokenizer_path: str, pack: dict) -> DataConfig:
     return DataConfig(
-        datasets=tuple(DatasetSpec(m) for m in manifests),
+        datasets=[DatasetSpec(m) for m in manifests],
         tokenizer=tokenizer_path,
-        pack=pack,
+        **pack,
         max_image_tiles=6,
         shuffle_buffer=8,
         num_workers=0,
@@ -161,7 +161,7 @@ def _rss_mib(field: str) -> float:
 def rss_child(manifests: list[str], tokenizer_path: str, pack_tokens: int, max_packs: int) -> None:
     """Runs in a fresh process: prints JSON with its RSS before and at its peak while building packs of
     `pack_tokens` (the peak is reset after the imports, whose own transient peak would hide the rest)."""
-    pack = PACK_32K if pack_tokens == PACK_32K.max_seq_len else PACK_256K
+    pack = PACK_32K if pack_tokens == PACK_32K["max_seq_len"] else PACK_256K
     stream = PackStream(
         data_config(manifests, tokenizer_path, pack), benchmark_model(tokenizer_path), Consumer(0, 1)
     )

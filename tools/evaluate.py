@@ -30,7 +30,7 @@ from megatron_v2pe.errors import (
 )
 from megatron_v2pe.eval import mmniah
 from megatron_v2pe.eval.scoring import MODES
-from megatron_v2pe.parallel.attention_backends import resolve_attention_backend
+from megatron_v2pe.parallel.attention_backends import ATTENTION_BACKENDS, resolve_attention_backend
 from megatron_v2pe.v2pe.positions import parse_delta_policy
 
 
@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         "--print-prompts", action="store_true", help="print the user text of the first record of each task"
     )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N samples")
-    parser.add_argument("--attention-backend", choices=["auto", "te", "torch", "reference"], default="auto")
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     parser.add_argument(
         "--context-parallel-size",
         type=positive_int,

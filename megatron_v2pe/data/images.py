@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_v2pe.model.presets import TILE_BUDGETS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,9 +46,6 @@ class TilingConfig:
                 f"need tile_size >= 1 and 1 <= min_tiles <= max_tiles, got tile_size={self.tile_size}, "
                 f"min_tiles={self.min_tiles}, max_tiles={self.max_tiles}"
             )
-
-
-TILE_BUDGETS = ("per_image", "per_sample")
 
 
 def tiling_for_images(config: TilingConfig, num_images: int, budget: str) -> TilingConfig:

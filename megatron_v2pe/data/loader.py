@@ -13,15 +13,14 @@ import atexit
 import logging
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch.utils.data
 
 from megatron_v2pe.batch import PackedBatch
-from megatron_v2pe.data.conversation import SystemMessage
-from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig
-from megatron_v2pe.data.packing import Fit, PackConfig, Packer, fit_sample
+from megatron_v2pe.data.config import DataConfig
+from megatron_v2pe.data.images import TilingConfig
+from megatron_v2pe.data.packing import Fit, Packer, fit_sample
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig, TokenizedSample
 from megatron_v2pe.data.shards import unpack_sample
 from megatron_v2pe.data.skips import BadSample, DataEvent, SkipReason, SkipStats
@@ -45,45 +44,6 @@ from megatron_v2pe.parallel.runtime import ignore_exit_signals
 logger = logging.getLogger("megatron_v2pe.data")
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Shard URL patterns (see source.expand_urls) and the dataset's share of the mix."""
-
-    shards: str | tuple[str, ...]
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    datasets: tuple[DatasetSpec, ...]
-    tokenizer: str
-    pack: PackConfig = field(default_factory=PackConfig)
-    # Image tiling (data/images.py); None takes the model's own (VLMConfig.image_format, from config.json)
-    max_image_tiles: int | None = None  # grid tiles of one image, thumbnail aside (max_dynamic_patch)
-    tile_budget: str | None = None  # per_image: each image up to max_image_tiles (V2PE's recipe) |
-    # per_sample: n images get max(1, max_image_tiles // n) each (InternVL's)
-    use_thumbnail: bool | None = None
-    system_message: str | None | SystemMessage = SystemMessage.TEMPLATE  # None: no system turn
-    shuffle_buffer: int = 64
-    seed: int = 1234
-    num_workers: int = 2
-    num_epochs: int | None = None  # None: cycle forever (training); n: stop after n epochs
-    prefetch_factor: int = 2
-
-    def __post_init__(self) -> None:
-        if not self.datasets:
-            raise ValueError("DataConfig needs at least one dataset")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(
-                f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers}, {self.shuffle_buffer}"
-            )
-        if self.tile_budget not in (None, *TILE_BUDGETS) or (self.max_image_tiles or 1) < 1:
-            raise ValueError(
-                f"tile_budget must be one of {TILE_BUDGETS} and max_image_tiles >= 1, got "
-                f"{self.tile_budget!r}, {self.max_image_tiles}"
-            )
 
 
 def sample_config(config: DataConfig, model: VLMConfig) -> SampleConfig:
@@ -127,7 +87,8 @@ class PackStream:
     def __init__(
         self, config: DataConfig, model: VLMConfig, consumer: Consumer, tokenizer: Tokenizer | None = None
     ) -> None:
-        self.config = config
+        config.check()
+        self.config, self.pack = config, config.pack_config()
         self.stats = SkipStats()
         sources = [
             ShardSource(
@@ -147,7 +108,7 @@ class PackStream:
         check_tokenizer_matches(tokenizer, model)
         self.builder = SampleBuilder(tokenizer, sample_config(config, model))
         self.packer = Packer(
-            config.pack,
+            self.pack,
             seeded_rng(config.seed, DELTA_STREAM, consumer.index),
             img_context_id=tokenizer.img_context_id,
             pad_token_id=tokenizer.pad_id,
@@ -157,7 +118,7 @@ class PackStream:
     def _fit(self, raw: RawSample) -> Fit:
         """The sample, made to fit a pack (or not); raises BadSample."""
         record, images = unpack_sample(raw.members)
-        return fit_sample(self.builder.build(raw.key, record, images, ref=raw.ref), self.config.pack)
+        return fit_sample(self.builder.build(raw.key, record, images, ref=raw.ref), self.pack)
 
     def _usable(self, raw: RawSample) -> TokenizedSample | None:
         """The sample to pack, or None after counting why there is none."""
@@ -167,7 +128,7 @@ class PackStream:
             self._skip(SkipReason.CORRUPT_MEMBER if raw.ref.damaged else bad.reason, raw, bad.detail)
             return None
         if isinstance(fit.outcome, SkipReason):
-            pack = self.config.pack
+            pack = self.pack
             self._skip(fit.outcome, raw, f"a pack holds {pack.max_seq_len} tokens and {pack.max_tiles} tiles")
             return None
         if fit.outcome is DataEvent.TRUNCATED:
@@ -295,6 +256,7 @@ class PackedBatchLoader:
     def __init__(self, config: DataConfig, model: VLMConfig, rank: int = 0, world_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        config.check()
         self.config, self.model = config, model
         self.rank, self.world_size = rank, world_size
         self._workers = max(1, config.num_workers)

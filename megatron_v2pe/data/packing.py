@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -34,6 +34,11 @@ MAX_PACK_TOKENS = 262_144
 """256K: the longest context V2PE trains at."""
 
 FP8_SHARD_MULTIPLE = 16
+
+LossWeighting = Literal["square", "token"]
+LOSS_WEIGHTINGS = get_args(LossWeighting)
+OverLong = Literal["drop", "truncate"]
+OVER_LONG = get_args(OverLong)
 
 
 def padding_multiple(cp: int = 1, tp: int = 1, sequence_parallel: bool = False, fp8: bool = False) -> int:
@@ -55,8 +60,8 @@ class PackConfig:
     max_tiles: int = 128
     pad_multiple: int = 2
     buffer_size: int = 32
-    loss_weighting: Literal["square", "token"] = "square"
-    over_long: Literal["drop", "truncate"] = "drop"
+    loss_weighting: LossWeighting = "square"
+    over_long: OverLong = "drop"
     delta_policy: str = "random"
 
     def __post_init__(self) -> None:
@@ -71,10 +76,10 @@ class PackConfig:
             raise ValueError(
                 f"need max_tiles >= 0 and buffer_size >= 1, got {self.max_tiles}, {self.buffer_size}"
             )
-        if self.loss_weighting not in ("square", "token"):
-            raise ValueError(f"loss_weighting must be 'square' or 'token', got {self.loss_weighting!r}")
-        if self.over_long not in ("drop", "truncate"):
-            raise ValueError(f"over_long must be 'drop' or 'truncate', got {self.over_long!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.over_long not in OVER_LONG:
+            raise ValueError(f"over_long must be one of {OVER_LONG}, got {self.over_long!r}")
         parse_delta_policy(self.delta_policy)
 
     def padded_length(self, length: int) -> int:

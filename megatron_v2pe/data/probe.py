@@ -10,7 +10,8 @@ import dataclasses
 import itertools
 from collections import Counter
 
-from megatron_v2pe.data.loader import DataConfig, PackStream
+from megatron_v2pe.data.config import DataConfig
+from megatron_v2pe.data.loader import PackStream
 from megatron_v2pe.data.packing import fit_sample
 from megatron_v2pe.data.shards import unpack_sample
 from megatron_v2pe.data.skips import BadSample, SkipReason
@@ -32,7 +33,7 @@ def skips_before_first_fit(
     for raw in itertools.islice(stream.source, limit):
         try:
             record, images = unpack_sample(raw.members)
-            fit = fit_sample(stream.builder.build(raw.key, record, images, ref=raw.ref), single.pack)
+            fit = fit_sample(stream.builder.build(raw.key, record, images, ref=raw.ref), stream.pack)
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue

@@ -26,22 +26,23 @@ from megatron_v2pe.data.conversation import (
     count_placeholders,
     parse_conversations,
 )
-from megatron_v2pe.data.images import TILE_BUDGETS, TilingConfig, decode_image, tile_image, tiling_for_images
+from megatron_v2pe.data.images import TilingConfig, decode_image, tile_image, tiling_for_images
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.data.tokenizer import Tokenizer
+from megatron_v2pe.model.presets import TILE_BUDGETS, TileBudget
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     """tokens_per_tile and tiling.tile_size come from the model (VLMConfig.tokens_per_tile and
     VLMConfig.vision.image_size), the template from the model (VLMConfig.template); tiling.max_tiles
-    is shared by a sample's images or given to each (tile_budget, one of images.TILE_BUDGETS)."""
+    is shared by a sample's images or given to each (tile_budget, one of TILE_BUDGETS)."""
 
     tokens_per_tile: int
     tiling: TilingConfig = field(default_factory=TilingConfig)
     system_message: str | None | SystemMessage = SystemMessage.TEMPLATE  # None: no system turn
     template: str = "internlm2-chat"
-    tile_budget: str = "per_sample"
+    tile_budget: TileBudget = "per_sample"
 
     def __post_init__(self) -> None:
         if self.tokens_per_tile < 1:

@@ -39,7 +39,7 @@ def load_for_evaluation(
     if model_config is not None:
         if model_config.suffix in (".yaml", ".yml"):
             from megatron_v2pe.training.config import load_config
-            from megatron_v2pe.training.train import model_config as training_model_config
+            from megatron_v2pe.training.config import model_config as training_model_config
 
             train = load_config(model_config)
             config = training_model_config(train, tok)

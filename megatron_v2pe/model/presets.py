@@ -9,7 +9,7 @@ config.json. Parallelism and precision are applied when the Megatron-Core ``Tran
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,9 @@ class LanguageConfig:
             return None
         return DynamicNTK(self.dynamic_ntk_factor, self.max_sequence_length)
 
+TileBudget = Literal["per_image", "per_sample"]  # data/images.py: tiling_for_images
+TILE_BUDGETS = get_args(TileBudget)
+
 
 @dataclass(frozen=True)
 class ImageFormat:
@@ -104,12 +107,12 @@ class ImageFormat:
     min_tiles: int = 1
     use_thumbnail: bool = True
     dynamic_image_size: bool = True  # False: every image is one tile, resized
-    tile_budget: str = "per_sample"  # per_sample (InternVL) | per_image (V2PE recipe)
+    tile_budget: TileBudget = "per_sample"  # per_sample (InternVL) | per_image (V2PE recipe)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_tiles <= self.max_tiles or self.tile_budget not in ("per_image", "per_sample"):
+        if not 1 <= self.min_tiles <= self.max_tiles or self.tile_budget not in TILE_BUDGETS:
             raise ValueError(
-                f"need 1 <= min_tiles <= max_tiles and tile_budget per_image or per_sample, got "
+                f"need 1 <= min_tiles <= max_tiles and tile_budget one of {TILE_BUDGETS}, got "
                 f"{self.min_tiles}, {self.max_tiles}, {self.tile_budget!r}"
             )
 

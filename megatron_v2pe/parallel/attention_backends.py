@@ -8,14 +8,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from megatron_v2pe.optional_deps import is_available, require
 
 AttentionBackend = Literal["auto", "te", "torch", "reference"]
-BACKENDS = ("te", "torch", "reference")
+ATTENTION_BACKENDS = get_args(AttentionBackend)
+BACKENDS = ATTENTION_BACKENDS[1:]  # what "auto" chooses from
 
 
 def resolve_attention_backend(backend: str = "auto") -> str:

@@ -10,13 +10,14 @@ sequence layout: every rank's share of a packed sub-sample must be a multiple of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from megatron_v2pe.optional_deps import require
 
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+FP8Recipe = Literal["delayed", "tensorwise", "blockwise"]
+FP8_RECIPES = get_args(FP8Recipe)
 HOPPER = (9, 0)
 
 

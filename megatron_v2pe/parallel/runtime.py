@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_v2pe.parallel import cpu_runtime, torch_adamw_checkpoint
+from megatron_v2pe.parallel.config import ParallelConfig
 
 
 def initialize(
@@ -42,14 +43,9 @@ def initialize(
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
-    if dist.get_world_size() % model_parallel:
-        raise ValueError(
-            f"world size {dist.get_world_size()} is not divisible by tensor x pipeline x context "
-            f"parallel = {tensor_model_parallel_size} x {pipeline_model_parallel_size} x "
-            f"{context_parallel_size} = {model_parallel}; change the parallel sizes or the number "
-            "of processes"
-        )
+    ParallelConfig(
+        tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size=context_parallel_size
+    ).check_world_size(dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,

@@ -2,6 +2,9 @@
 
 Knob names follow Megatron-LM (``tensor_model_parallel_size``, ``global_batch_size``, ``train_iters``,
 ``lr_warmup_fraction``, ``save_interval`` …) so that a Megatron user finds them where they expect.
+Each section is its component's own configuration dataclass (data/config.py, model/model_config.py,
+parallel/config.py, training/optimizer.py, training/progress.py), read here with its types and
+``Literal`` choices checked; TrainConfig composes them and checks what spans sections.
 ``validate`` checks everything that can be checked before any process group, model or data exists,
 and says what to change; a bad configuration must not cost a cluster allocation.
 """
@@ -19,13 +22,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from megatron_v2pe.data.loader import DataConfig
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.conversation import chat_template, check_markers
+from megatron_v2pe.data.loader import check_tokenizer_matches
 from megatron_v2pe.data.packing import MAX_PACK_TOKENS, padding_multiple
 from megatron_v2pe.data.probe import PACK_LIMITS, skips_before_first_fit
 from megatron_v2pe.data.source import DatasetUnreadable, expand_urls
 from megatron_v2pe.errors import UsageError
+from megatron_v2pe.model.model_config import ModelConfig, vlm_config
 from megatron_v2pe.parallel.attention_backends import resolve_attention_backend
-from megatron_v2pe.parallel.fp8 import FP8_RECIPES, fp8_transformer_overrides
+from megatron_v2pe.parallel.config import ParallelConfig
+from megatron_v2pe.parallel.fp8 import FP8Recipe, fp8_transformer_overrides
+from megatron_v2pe.training.optimizer import OptimizerConfig
+from megatron_v2pe.training.progress import LoggingConfig
 from megatron_v2pe.v2pe.positions import parse_delta_policy
 
 if TYPE_CHECKING:
@@ -41,87 +50,14 @@ class ConfigError(UsageError):
 
 
 @dataclass
-class ModelSection:
-    preset: str = "tiny"  # tiny | internvl2_2b (model/presets.py)
-    hf_config: str | None = None  # an InternVL2 config.json (or its directory); replaces the preset
-    vocab_size: int | None = None  # tiny only; default: the tokenizer's
-    img_context_token_id: int | None = None  # tiny only; default: the tokenizer's <IMG_CONTEXT>
-    vision_drop_path_rate: float | None = None  # InternViT stochastic depth; None keeps the preset's
-    rotary_base: float | None = None  # the language model's RoPE base; None keeps the preset's (1e6)
-    attention_backend: Literal["auto", "te", "torch", "reference"] = "auto"
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    freeze_language: bool = False
-    recompute_granularity: Literal["full", "selective"] | None = None  # activation checkpointing
-    recompute_method: Literal["uniform", "block"] = "uniform"  # block: the first recompute_num_layers
-    recompute_num_layers: int = 1
-    # selective: what to recompute (layernorm: TE layers only); None: core_attn
-    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] | None = None
-    # Faster paths that compute the same (model/fusions.py); off until measured faster on the GPU.
-    loss_chunk_tokens: int | None = None  # cross entropy over chunks of this many tokens, no full logits
-    compiled_norm: bool = False  # torch.compile'd RMSNorm in the local (non-TE) layers
-    fused_swiglu: bool = False  # Megatron-Core's fused SwiGLU (TransformerConfig.bias_activation_fusion)
-
-
-@dataclass
-class ParallelSection:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
-
-
-@dataclass
-class DatasetEntry:
-    shards: str  # shard patterns, a directory or a manifest.json (data/source.py: expand_urls)
-    weight: float = 1.0
-
-
-@dataclass
-class DataSection:
-    datasets: list[DatasetEntry] = field(default_factory=list)
-    tokenizer: str | None = None
-    max_seq_len: int = 32768  # tokens per pack (after padding)
-    max_tiles: int = 128  # tiles per pack
-    max_image_tiles: int | None = None  # grid tiles per image (max_dynamic_patch); None: the model's
-    tile_budget: Literal["per_image", "per_sample"] | None = None  # per_image: V2PE's recipe; None: the model's
-    pad_multiple: int | None = None  # sub-sample padding; None: the layout's (packing.padding_multiple).
-    # Fix it to the largest layout a run will move between, so that packs do not change on resharding.
-    delta_policy: str = "random"  # none | fixed:<δ> | random | auto:<window>
-    loss_weighting: Literal["square", "token"] = "square"  # square: 1/sqrt(n) per sub-sample, the paper's
-    over_long: Literal["drop", "truncate"] = "drop"
-    pack_buffer_size: int = 32
-    shuffle_buffer: int = 64
-    num_workers: int = 2
-
-
-@dataclass
 class TrainingSection:
     train_iters: int = 100
     global_batch_size: int = 1  # packs per step, over all data-parallel ranks
     micro_batch_size: int = 1  # packs per micro-batch: always 1 (one THD pack)
     seed: int = 1234
     bf16: bool = False  # on a CPU-only host training runs in fp32
-    fp8: Literal[FP8_RECIPES] | None = None  # FP8 recipe (TE on Hopper+)
+    fp8: FP8Recipe | None = None  # FP8 recipe (TE on Hopper+)
     exit_signal_handler: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 0
-
-
-@dataclass
-class OptimizerSection:
-    optimizer: Literal["adam"] = "adam"  # AdamW (decoupled weight decay), as Megatron-Core names it
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
-    lr_warmup_fraction: float | None = None  # of train_iters; else lr_warmup_iters
-    lr_warmup_iters: int = 0
-    lr_warmup_init: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
 
 
 @dataclass
@@ -138,32 +74,22 @@ class CheckpointSection:
 
 
 @dataclass
-class LoggingSection:
-    log_interval: int = 10
-    tensorboard_dir: str | None = None
-    wandb_project: str | None = None
-    metrics_file: str | None = None  # one JSON line per step (rank 0)
-    progress_bar: bool | None = None  # None: on a CPU-only host
-    peak_flops_per_gpu: float = 989e12  # MFU denominator: H100 SXM dense bf16
-
-
-@dataclass
 class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    data: DataSection = field(default_factory=DataSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingSection = field(default_factory=TrainingSection)
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The configuration as its YAML reads (what checkpoints and metrics record)."""
+        return _as_yaml(self)
 
     @property
     def model_parallel_size(self) -> int:
-        p = self.parallel
-        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        return self.parallel.model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
@@ -188,9 +114,26 @@ class TrainConfig:
     def pad_multiple(self) -> int:
         return self.data.pad_multiple or self.layout_pad_multiple
 
+    def data_config(self) -> DataConfig:
+        """The data section with what it takes from the others: the seed and the padding multiple."""
+        return dataclasses.replace(self.data, seed=self.training.seed, pad_multiple=self.pad_multiple)
+
 
 # --------------------------------------------------------------------------------------------------
 # Reading: YAML + overrides -> typed sections
+
+
+def _yaml_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a YAML section takes: all but those marked ``metadata={"yaml": False}`` (set in code)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
+
+
+def _as_yaml(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _as_yaml(getattr(value, f.name)) for f in _yaml_fields(type(value))}
+    if isinstance(value, list | tuple):
+        return [_as_yaml(v) for v in value]
+    return value
 
 
 def _merge(base: dict, path: Sequence[str], value: Any) -> None:
@@ -222,11 +165,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
                 except ConfigError:
                     continue
         raise ConfigError(f"{where}: expected {hint}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
+    if origin in (list, tuple):  # list[X] or tuple[X, ...]; YAML gives a list
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -242,11 +185,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
-    if isinstance(values, str) and cls is DatasetEntry:
+    if isinstance(values, str) and cls is DatasetSpec:
         values = {"shards": values}
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    all_hints = typing.get_type_hints(cls)
+    hints = {f.name: all_hints[f.name] for f in _yaml_fields(cls)}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(
@@ -359,16 +303,13 @@ def validate(config: TrainConfig, world_size: int) -> None:
 
 def _validate_parallel(config: TrainConfig, world_size: int) -> None:
     p, t = config.parallel, config.training
-    sizes = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
+    sizes = p.model_parallel_sizes
     if min(sizes) < 1:
         raise ConfigError(f"parallel sizes must be >= 1, got TP, PP, CP = {sizes}")
-    if world_size % config.model_parallel_size:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size x context_parallel_size = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
-            f"{config.model_parallel_size}; change the parallel sizes or launch a multiple of "
-            f"{config.model_parallel_size} processes"
-        )
+    try:
+        p.check_world_size(world_size)
+    except UsageError as err:
+        raise ConfigError(str(err)) from err
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1; set it to false")
     if p.virtual_pipeline_model_parallel_size is not None and (
@@ -470,7 +411,7 @@ def _validate_data(config: TrainConfig) -> None:
     _validate_datasets(d.datasets)
 
 
-def _validate_datasets(datasets: list[DatasetEntry]) -> None:
+def _validate_datasets(datasets: list[DatasetSpec]) -> None:
     if not datasets:
         raise ConfigError("data.datasets is empty; list shard patterns, directories or manifest.json files")
     for i, dataset in enumerate(datasets):
@@ -496,6 +437,15 @@ def _validate_schedule(config: TrainConfig) -> None:
     o = config.optimizer
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"need 0 <= optimizer.min_lr <= optimizer.lr, got {o.min_lr} and {o.lr}")
+
+
+def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
+    """The model section's architecture for this tokenizer; ValueError if the two do not match or the
+    chat template is not implemented (before any data is read)."""
+    vlm = vlm_config(config.model, tokenizer.vocab_size, tokenizer.img_context_id)
+    check_tokenizer_matches(tokenizer, vlm)
+    check_markers(chat_template(vlm.template), tokenizer)
+    return vlm
 
 
 def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:

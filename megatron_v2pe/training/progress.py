@@ -26,9 +26,20 @@ from megatron_v2pe.data.skips import DataEvent, SkipReason, SkipStats
 from megatron_v2pe.model.flops import mfu, training_flops_per_pack
 from megatron_v2pe.model.presets import VLMConfig
 from megatron_v2pe.parallel.runtime import current_device
-from megatron_v2pe.training.config import LoggingSection
 
 logger = logging.getLogger("megatron_v2pe.training")
+
+
+@dataclass
+class LoggingConfig:
+    """The ``logging:`` section of the training YAML."""
+
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    metrics_file: str | None = None  # one JSON line per step (rank 0)
+    progress_bar: bool | None = None  # None: on a CPU-only host
+    peak_flops_per_gpu: float = 989e12  # MFU denominator: H100 SXM dense bf16
 
 
 @dataclass
@@ -116,7 +127,7 @@ def peak_memory() -> tuple[float, str]:
 class Progress:
     """Rank 0 reports; the other ranks only keep the iteration count."""
 
-    def __init__(self, config: LoggingSection, train_iters: int, start_iteration: int, run_config: dict):
+    def __init__(self, config: LoggingConfig, train_iters: int, start_iteration: int, run_config: dict):
         self.config = config
         self.train_iters = train_iters
         self.world_size = dist.get_world_size()

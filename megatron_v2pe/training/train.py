@@ -26,32 +26,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.batch import PackedBatch
 from megatron_v2pe.convert.checkpoint import write_model_config
-from megatron_v2pe.data.conversation import chat_template, check_markers
-from megatron_v2pe.data.loader import (
-    DataConfig,
-    DatasetSpec,
-    DataStateMismatch,
-    PackedBatchLoader,
-    check_tokenizer_matches,
-)
-from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.loader import DataStateMismatch, PackedBatchLoader
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
 from megatron_v2pe.model.fusions import Fusions, vision_recompute_fields
-from megatron_v2pe.model.internvl_config import from_hf_config
-from megatron_v2pe.model.presets import (
-    VLMConfig,
-    language_transformer_config,
-    preset,
-    tiny,
-    vision_transformer_config,
-)
+from megatron_v2pe.model.presets import VLMConfig, language_transformer_config, vision_transformer_config
 from megatron_v2pe.model.vlm import InternVLModel, model_chunks
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
@@ -68,10 +51,12 @@ from megatron_v2pe.training.config import (
     ConfigError,
     TrainConfig,
     load_config,
+    model_config,
     validate,
     validate_architecture,
     validate_samples,
 )
+from megatron_v2pe.training.optimizer import build_optimizer
 from megatron_v2pe.training.progress import (
     Progress,
     StepRecord,
@@ -83,39 +68,9 @@ from megatron_v2pe.training.step import forward_backward
 
 logger = logging.getLogger("megatron_v2pe.training")
 
-VOCAB_MULTIPLE = 128  # Megatron-LM's make_vocab_size_divisible_by
-
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def model_config(config: TrainConfig, tokenizer: Tokenizer) -> VLMConfig:
-    """The architecture: a preset or an HF config.json; the tiny preset takes the tokenizer's ids."""
-    m = config.model
-    if m.hf_config:
-        vlm = from_hf_config(m.hf_config, img_context_token_id=m.img_context_token_id)
-    elif m.preset == "tiny":  # vocabulary padded like Megatron's, so that any TP size up to 128 splits it
-        padded = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        vlm = tiny(vocab_size=padded, img_context_token_id=tokenizer.img_context_id)
-    else:
-        vlm = preset(m.preset)
-    if m.vocab_size is not None:
-        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, vocab_size=m.vocab_size))
-    if m.img_context_token_id is not None:
-        vlm = dataclasses.replace(vlm, img_context_token_id=m.img_context_token_id)
-    if m.vision_drop_path_rate is not None:
-        vlm = dataclasses.replace(
-            vlm, vision=dataclasses.replace(vlm.vision, drop_path_rate=m.vision_drop_path_rate)
-        )
-    if m.rotary_base is not None:
-        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, rotary_base=m.rotary_base))
-    if vlm.language.dynamic_ntk_factor is not None:
-        logger.info("training with plain RoPE: the config's dynamic NTK scaling is dropped, as V2PE does")
-        vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, dynamic_ntk_factor=None))
-    check_tokenizer_matches(tokenizer, vlm)
-    check_markers(chat_template(vlm.template), tokenizer)  # refused here, before any data is read
-    return vlm
 
 
 def params_dtype(config: TrainConfig) -> torch.dtype:
@@ -126,14 +81,11 @@ def params_dtype(config: TrainConfig) -> torch.dtype:
 def build_model(config: TrainConfig, vlm: VLMConfig) -> list[InternVLModel]:
     """This rank's model chunks (one per virtual pipeline stage), frozen parts already frozen."""
     p, m = config.parallel, config.model
-    dtype = params_dtype(config)
-    shared = {"tensor_model_parallel_size": p.tensor_model_parallel_size, "params_dtype": dtype}
-    if m.recompute_granularity is not None:
-        shared.update(recompute_granularity=m.recompute_granularity)
-        if m.recompute_granularity == "full":
-            shared.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
-        elif m.recompute_modules is not None:
-            shared.update(recompute_modules=list(m.recompute_modules))
+    shared = {
+        "tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "params_dtype": params_dtype(config),
+        **m.recompute_fields(),
+    }
     language = language_transformer_config(
         vlm,
         **shared,
@@ -173,67 +125,6 @@ def wrap_model(config: TrainConfig, chunks: list[InternVLModel]) -> list[Distrib
         inner = Float16Module(chunk.config, chunk) if params_dtype(config) == torch.bfloat16 else chunk
         wrapped.append(DistributedDataParallel(chunk.config, ddp_config, inner))
     return wrapped
-
-
-def build_optimizer(config: TrainConfig, wrapped: list) -> tuple:
-    """AdamW (decoupled weight decay; biases and norms excluded) and the warm-up + decay schedule."""
-    o, iters = config.optimizer, config.training.train_iters
-    bf16 = params_dtype(config) == torch.bfloat16
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer=o.optimizer,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
-            bf16=bf16,
-            params_dtype=params_dtype(config),
-            use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-        ),
-        wrapped,
-    )
-    warmup = round(o.lr_warmup_fraction * iters) if o.lr_warmup_fraction is not None else o.lr_warmup_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=o.lr_warmup_init,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=min(warmup, iters - 1),
-        lr_decay_steps=iters,
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=iters,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=not config.checkpoint.override_opt_param_scheduler,
-        override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
-    )
-    return optimizer, scheduler
-
-
-def data_config(config: TrainConfig) -> DataConfig:
-    d = config.data
-    return DataConfig(
-        datasets=tuple(DatasetSpec(e.shards, e.weight) for e in d.datasets),
-        tokenizer=d.tokenizer,
-        pack=PackConfig(
-            max_seq_len=d.max_seq_len,
-            max_tiles=d.max_tiles,
-            pad_multiple=config.pad_multiple,
-            buffer_size=d.pack_buffer_size,
-            loss_weighting=d.loss_weighting,
-            over_long=d.over_long,
-            delta_policy=d.delta_policy,
-        ),
-        max_image_tiles=d.max_image_tiles,
-        tile_budget=d.tile_budget,
-        shuffle_buffer=d.shuffle_buffer,
-        seed=config.training.seed,
-        num_workers=d.num_workers,
-    )
 
 
 @dataclass
@@ -281,7 +172,7 @@ def preflight(config: TrainConfig) -> tuple[VLMConfig, Tokenizer]:
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
     validate_architecture(config, vlm)
-    validate_samples(config, data_config(config), vlm, tokenizer)
+    validate_samples(config, config.data_config(), vlm, tokenizer)
     return vlm, tokenizer
 
 
@@ -310,7 +201,7 @@ def _train(config: TrainConfig, vlm: VLMConfig, tokenizer: Tokenizer) -> RunResu
     try:
         point = checkpointer.find(c.load or c.save, vlm)
         loader = PackedBatchLoader(
-            data_config(config), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+            config.data_config(), vlm, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         )
         if point is not None:
             _restore_data_stream(config, loader, checkpointer.data_state(point))
@@ -344,7 +235,14 @@ def _train_loop(
     t, c = config.training, config.checkpoint
     chunks = build_model(config, vlm)
     wrapped = wrap_model(config, chunks)
-    optimizer, scheduler = build_optimizer(config, wrapped)
+    optimizer, scheduler = build_optimizer(
+        config.optimizer,
+        wrapped,
+        train_iters=t.train_iters,
+        params_dtype=params_dtype(config),
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        override_scheduler=c.override_opt_param_scheduler,
+    )
     if point is not None:
         checkpointer.load(point, chunks, optimizer, scheduler, t.seed)
     elif c.pretrained_checkpoint:

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader
-from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import PackedBatchLoader
 from megatron_v2pe.data.source import DatasetUnreadable
 from tests.data.helpers import (
     context_runs,
@@ -68,7 +68,10 @@ def test_every_bad_input_is_skipped_and_counted(
     config = DataConfig(
         datasets=(DatasetSpec(damaged_dataset),),
         tokenizer=str(tokenizer_path),
-        pack=PackConfig(max_seq_len=256, max_tiles=12, pad_multiple=2, buffer_size=3),
+        max_seq_len=256,
+        max_tiles=12,
+        pad_multiple=2,
+        pack_buffer_size=3,
         system_message=None,
         shuffle_buffer=4,
         num_workers=workers,

@@ -13,8 +13,8 @@ from itertools import islice
 import pytest
 import torch
 
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader
-from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import PackedBatchLoader
 from megatron_v2pe.model.presets import tiny
 from tests.data.helpers import subsample_items, write_items
 from tests.parallel.launch import REPO_ROOT
@@ -29,7 +29,10 @@ def _config(manifest, tokenizer_path, **overrides):
     fields = {
         "datasets": (DatasetSpec(str(manifest)),),
         "tokenizer": str(tokenizer_path),
-        "pack": PackConfig(max_seq_len=256, max_tiles=12, pad_multiple=4, buffer_size=4),
+        "max_seq_len": 256,
+        "max_tiles": 12,
+        "pad_multiple": 4,
+        "pack_buffer_size": 4,
         "system_message": None,
         "shuffle_buffer": 6,
         "num_workers": 2,
@@ -95,15 +98,15 @@ def test_tokenizer_and_model_must_agree(items_manifest, tokenizer_path, tokenize
 
 _LEFT_OPEN = """
 import sys
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackedBatchLoader
-from megatron_v2pe.data.packing import PackConfig
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import PackedBatchLoader
 from megatron_v2pe.data.tokenizer import load_tokenizer
 from megatron_v2pe.model.presets import tiny
 
 manifest, tokenizer_path = sys.argv[1:3]
 tokenizer = load_tokenizer(tokenizer_path)
 config = DataConfig(datasets=(DatasetSpec(manifest),), tokenizer=tokenizer_path, system_message=None,
-                    pack=PackConfig(max_seq_len=256, max_tiles=12, pad_multiple=4, buffer_size=4),
+                    max_seq_len=256, max_tiles=12, pad_multiple=4, pack_buffer_size=4,
                     num_workers=2, seed=11)
 model = tiny(vocab_size=tokenizer.vocab_size, img_context_token_id=tokenizer.img_context_id)
 batches = iter(PackedBatchLoader(config, model))

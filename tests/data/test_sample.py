@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from megatron_v2pe.data.images import TilingConfig
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, sample_config
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import sample_config
 from megatron_v2pe.data.sample import SampleBuilder, SampleConfig
 from megatron_v2pe.data.skips import BadSample, SkipReason
 from megatron_v2pe.model.presets import internvl2_2b

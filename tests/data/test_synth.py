@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from megatron_v2pe.data.loader import DataConfig, DatasetSpec, PackStream
+from megatron_v2pe.data.config import DataConfig, DatasetSpec
+from megatron_v2pe.data.loader import PackStream
 from megatron_v2pe.data.long_context_synth import COLORS, SynthConfig, generate, long_mr, mm_niah
-from megatron_v2pe.data.packing import PackConfig
 from megatron_v2pe.data.source import Consumer
 from megatron_v2pe.data.tokenizer import load_tokenizer
 from megatron_v2pe.model.presets import tiny
@@ -114,7 +114,10 @@ def test_synth_tool_writes_shards_the_pipeline_packs(tmp_path):
         tokenizer=str(tokenizer_path),
         num_epochs=1,
         shuffle_buffer=4,
-        pack=PackConfig(max_seq_len=1024, max_tiles=96, buffer_size=4, over_long="truncate"),
+        max_seq_len=1024,
+        max_tiles=96,
+        pack_buffer_size=4,
+        over_long="truncate",
     )
     stream = PackStream(config, model, Consumer(0, 1))
     subsamples = sum(len(batch.cu_seqlens) - 1 for batch in stream)

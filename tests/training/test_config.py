@@ -40,7 +40,7 @@ def test_paper_recipe_example_reads():
 
 def test_rotary_base_override_reaches_the_language_model(synth_data):
     from megatron_v2pe.data.tokenizer import load_tokenizer
-    from megatron_v2pe.training.train import model_config
+    from megatron_v2pe.training.config import model_config
 
     c = config(synth_data, **{"model.rotary_base": 1000})
     tokenizer = load_tokenizer(c.data.tokenizer)

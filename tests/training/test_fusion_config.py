@@ -32,7 +32,8 @@ def test_validation_messages(synth_data, extra, message):
 @pytest.mark.usefixtures("megatron_runtime")
 def test_knobs_reach_the_model(synth_data):
     from megatron_v2pe.model.norms import CompiledRMSNorm
-    from megatron_v2pe.training.train import build_model, model_config
+    from megatron_v2pe.training.config import model_config
+    from megatron_v2pe.training.train import build_model
 
     c = config(synth_data, **{
         "model.recompute_granularity": "selective", "model.recompute_modules": "[core_attn, mlp]",

@@ -155,8 +155,7 @@ def test_changed_data_layout_is_named(run):
 
     from megatron_v2pe.data.loader import DataStateMismatch, PackedBatchLoader
     from megatron_v2pe.data.tokenizer import load_tokenizer
-    from megatron_v2pe.training.config import load_config
-    from megatron_v2pe.training.train import data_config, model_config
+    from megatron_v2pe.training.config import load_config, model_config
     from tests.training.conftest import TINY_CONFIG
 
     overrides, root = run
@@ -164,7 +163,7 @@ def test_changed_data_layout_is_named(run):
 
     def loader(*extra):
         config = load_config(TINY_CONFIG, [*overrides, *extra])
-        return PackedBatchLoader(data_config(config), model_config(config, load_tokenizer(config.data.tokenizer)))
+        return PackedBatchLoader(config.data_config(), model_config(config, load_tokenizer(config.data.tokenizer)))
 
     loader().load_state_dict(state)
     with pytest.raises(DataStateMismatch, match=r"saved with data.num_workers=1, this run has 2; set data.num_workers=1"):
