@@ -51,6 +51,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"  # pa
 TINY_TILE = 56  # the tiny preset's image_size
 MULTIPLES = (1, 2, 4, 8)
 TOKENS_PER_TILE = 4  # the tiny preset's
+TEMPLATE = "internlm2-chat"  # the tiny preset's chat template
 WIDE = 7  # images are WIDE tiles wide: WIDE tiles + a thumbnail, so mostly visual tokens
 NEEDLE = "The secret animal is the {animal}."
 QUESTION = "Which animal is the secret one? Answer with one word."
@@ -83,7 +84,11 @@ def _prompt_tokens(tokenizer_path: Path, sample: SynthSample) -> int:
     from megatron_v2pe.eval import mmniah
 
     builder = mmniah.prompt_builder(
-        load_tokenizer(tokenizer_path), TOKENS_PER_TILE, TINY_TILE, max_tiles=WIDE * len(sample.images)
+        load_tokenizer(tokenizer_path),
+        TOKENS_PER_TILE,
+        TINY_TILE,
+        max_tiles=WIDE * len(sample.images),
+        template=TEMPLATE,
     )
     record = mmniah.NiahRecord(
         id=sample.key,
@@ -255,7 +260,9 @@ def evaluate_run(run: Path, policy: str, data: dict, args: argparse.Namespace) -
     for m in MULTIPLES:
         records = mmniah.read_records([str(data[f"{m}x"])])
         budget = WIDE * data["images"][f"{m}x"]  # WIDE grid tiles per image (tiling budget per sample)
-        builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TINY_TILE, max_tiles=budget)
+        builder = mmniah.prompt_builder(
+            tokenizer, TOKENS_PER_TILE, TINY_TILE, max_tiles=budget, template=model.vlm_config.template
+        )
         start = time.perf_counter()
         results = mmniah.evaluate_records(
             model,

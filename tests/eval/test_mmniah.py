@@ -264,7 +264,7 @@ def test_unbinnable_lengths_are_refused_before_any_work(mmniah_dir):
 
 def test_prompt_is_the_training_layout_cut_before_the_answer(mmniah_dir, tokenizer):
     first, _ = _first_records(mmniah_dir)
-    builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, max_tiles=1)
+    builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, max_tiles=1, template="internlm2-chat")
     built = mmniah.build_prompt(builder, first["retrieval-image"])
     tokens = built.tokens.tolist()
     assert tokenizer.decode(tokens).endswith("<|im_start|>assistant\n")
@@ -274,6 +274,18 @@ def test_prompt_is_the_training_layout_cut_before_the_answer(mmniah_dir, tokeniz
     assert built.answer_tokens.tolist() == tokenizer.encode("C") + [tokenizer.token_id(IM_END)]
 
 
+def test_prompt_is_in_the_models_chat_template(mmniah_dir, tokenizer):
+    """InternVL2.5/3 (``internvl2_5``) put a newline after every <|im_end|>; InternVL2's template does not."""
+    first, _ = _first_records(mmniah_dir)
+    texts = {}
+    for template in ("internlm2-chat", "internvl2_5"):
+        builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, max_tiles=1, template=template)
+        texts[template] = tokenizer.decode(mmniah.build_prompt(builder, first["retrieval-image"]).tokens)
+    assert f"{IM_END}<|im_start|>user" in texts["internlm2-chat"]
+    assert f"{IM_END}\n<|im_start|>user" in texts["internvl2_5"]
+    assert f"{IM_END}\n" not in texts["internlm2-chat"]
+
+
 
 def test_images_are_tiled_as_the_protocol_says(mmniah_dir, tokenizer):
     """MM-NIAH resizes each image to one tile; V2PE's copy cuts the wide one into 2 tiles + a thumbnail."""
@@ -281,7 +293,7 @@ def test_images_are_tiled_as_the_protocol_says(mmniah_dir, tokenizer):
     for protocol in mmniah.PROTOCOLS:
         records = mmniah.read_records([mmniah_dir / "retrieval-text.jsonl"], protocol=protocol)
         budget = mmniah.tile_budget(records[0], max_tiles=6)
-        builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, budget)
+        builder = mmniah.prompt_builder(tokenizer, TOKENS_PER_TILE, TILE, budget, template="internlm2-chat")
         built = mmniah.build_prompt(builder, records[0])
         tiles[protocol] = (budget, built.tiles.shape[0])
     assert tiles == {"mmniah": (2, 1 + 1), "v2pe": (10, 1 + 3)}

@@ -81,11 +81,13 @@ class BuiltPrompt:
 
 
 def prompt_builder(
-    tokenizer: Tokenizer, tokens_per_tile: int, tile_size: int, max_tiles: int = 6
+    tokenizer: Tokenizer, tokens_per_tile: int, tile_size: int, max_tiles: int = 6, *, template: str
 ) -> SampleBuilder:
-    """A builder tiling a sample's images within ``max_tiles`` (k x images: up to k tiles each)."""
+    """A builder tiling a sample's images within ``max_tiles`` (k x images: up to k tiles each), in the
+    chat template the model was trained with (``VLMConfig.template``)."""
     tiling = TilingConfig(tile_size=tile_size, max_tiles=max_tiles)
-    return SampleBuilder(tokenizer, SampleConfig(tokens_per_tile=tokens_per_tile, tiling=tiling))
+    config = SampleConfig(tokens_per_tile=tokens_per_tile, tiling=tiling, template=template)
+    return SampleBuilder(tokenizer, config)
 
 
 def tile_budget(record: NiahRecord, max_tiles: int) -> int:

@@ -116,7 +116,9 @@ def evaluate_records(
         budget = tile_budget(record, max_tiles)
         if budget not in builders:
             size = config.vision.image_size
-            builders[budget] = prompt_builder(tokenizer, config.tokens_per_tile, size, budget)
+            builders[budget] = prompt_builder(
+                tokenizer, config.tokens_per_tile, size, budget, template=config.template
+            )
         return builders[budget]
 
     def limit(record: NiahRecord) -> int:
