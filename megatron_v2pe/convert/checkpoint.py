@@ -26,7 +26,7 @@ from megatron_v2pe.convert.checks import ConversionError, config_differences, te
 from megatron_v2pe.convert.dist_streaming import load_group, save_streaming
 from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
 from megatron_v2pe.convert.layouts import LAYOUTS, Layout
-from megatron_v2pe.convert.mapping import Entry, TPSplit, expand, expected_hf_shapes, to_hf, to_megatron
+from megatron_v2pe.convert.mapping import Entry, expand, expected_hf_shapes, to_hf, to_megatron
 from megatron_v2pe.convert.safetensors_io import (
     SafetensorsSource,
     ShardedWriter,

@@ -17,8 +17,9 @@ from megatron_v2pe.model.presets import VisionConfig
 NORM_BIASES = {"input_layernorm.bias", "pre_mlp_layernorm.bias"}
 PER_HEAD = {
     f"self_attention.{name}"
-    for name in ("linear_qkv.weight", "linear_qkv.bias", "linear_proj.weight", "q_norm.weight", "k_norm.weight")
-}
+    for name in ("linear_qkv.weight", "linear_qkv.bias", "linear_proj.weight", "q_norm.weight",
+                 "k_norm.weight")
+}  # fmt: skip
 
 
 def for_tower(layer: list[Rule], vision: VisionConfig, q_norm: str, k_norm: str) -> list[Rule]:

@@ -55,7 +55,9 @@ def towers(tmp_path_factory):
     assert config.vision.num_attention_heads == 5
     unpadded = build_model(config, torch.float32, "reference")
     load_hf_weights(unpadded, SafetensorsSource(directory), LAYOUTS["hf"], config)
-    six_heads = dataclasses.replace(vision_transformer_config(config), num_attention_heads=6, num_query_groups=6)
+    six_heads = dataclasses.replace(
+        vision_transformer_config(config), num_attention_heads=6, num_query_groups=6
+    )
     padded = InternViTModel(config.vision, six_heads, vision_layer_spec("reference", config.vision))
     padded.load_state_dict({k: _pad(k, v) for k, v in unpadded.vision_model.state_dict().items()})
     return hf, unpadded.vision_model, padded
