@@ -55,3 +55,9 @@ def test_internvl3_78b_at_tp8_needs_the_padded_vocabulary(synth_data):
     config = _recipe(synth_data, path=EXAMPLE_78B)
     with pytest.raises(ConfigError, match="vocabulary = 151674 is not divisible by tensor_model_parallel"):
         validate_architecture(config, preset(config.model.preset))
+
+
+def test_a_tensor_parallel_size_the_vit_cannot_pad_to_is_a_config_error(synth_data):
+    config = _recipe(synth_data, "parallel.tensor_model_parallel_size=32", path=EXAMPLE_78B)
+    with pytest.raises(ConfigError, match="internvl3_78b: tensor_model_parallel_size 32 exceeds .* 25 heads"):
+        validate_architecture(config, preset(config.model.preset))
