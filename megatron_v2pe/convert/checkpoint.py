@@ -26,7 +26,7 @@ from megatron_v2pe.convert.checks import ConversionError, config_differences, te
 from megatron_v2pe.convert.dist_streaming import load_group, save_streaming
 from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
 from megatron_v2pe.convert.layouts import LAYOUTS, Layout
-from megatron_v2pe.convert.mapping import Entry, TPSplit, expand, expected_hf_shapes, to_hf, to_megatron
+from megatron_v2pe.convert.mapping import Entry, expand, expected_hf_shapes, to_hf, to_megatron
 from megatron_v2pe.convert.safetensors_io import (
     SafetensorsSource,
     ShardedWriter,
@@ -103,14 +103,6 @@ def table(layout: Layout, config: VLMConfig) -> list[Entry]:
 # -- Hugging Face -> model ---------------------------------------------------------------------------
 
 
-def _whole_shape(local: torch.Size, split: TPSplit, size: int) -> torch.Size:
-    """The tensor-parallel-1 shape of a parameter whose local piece is ``local``."""
-    if split is TPSplit.REPLICATED:
-        return local
-    dim = 0 if split is TPSplit.GATED_COLUMN else split.value
-    return torch.Size((*local[:dim], local[dim] * size, *local[dim + 1 :]))
-
-
 def load_hf_weights(
     model: InternVLModel, source: SafetensorsSource, layout: Layout, config: VLMConfig
 ) -> None:
@@ -128,7 +120,7 @@ def load_hf_weights(
     if uncovered:
         raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    whole = {e.megatron: _whole_shape(params[e.megatron].shape, e.split, size) for e in entries}
+    whole = {e.megatron: e.split.whole_shape(params[e.megatron].shape, size) for e in entries}
     problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
     if problems:
         raise ConversionError(str(source.directory), problems)

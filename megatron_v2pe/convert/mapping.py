@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from megatron_v2pe.model.head_padding import padded_heads
 from megatron_v2pe.model.presets import VLMConfig
 
 
@@ -38,6 +39,41 @@ class TPSplit(enum.Enum):
         if self is TPSplit.GATED_COLUMN:
             return torch.cat([half.chunk(size, 0)[rank] for half in tensor.chunk(2, 0)])
         return tensor.chunk(size, self.value)[rank]
+
+    def whole_shape(self, local: torch.Size, size: int) -> torch.Size:
+        """The tensor-parallel-1 shape of a parameter whose local piece is ``local``."""
+        if self is TPSplit.REPLICATED:
+            return local
+        dim = 0 if self is TPSplit.GATED_COLUMN else self.value
+        return torch.Size((*local[:dim], local[dim] * size, *local[dim + 1 :]))
+
+
+@dataclass(frozen=True)
+class PaddedHeads:
+    """A column or row split of a tensor holding ``heads`` attention heads side by side along the split
+    dimension, where each rank's piece is that of the tensor padded with zero heads up to a multiple of
+    the TP size (InternViT-6B's 25 heads at TP 8: ``model/head_padding.py``)."""
+
+    split: TPSplit
+    heads: int
+
+    @property
+    def value(self) -> int:
+        return self.split.value
+
+    def shard(self, tensor: Tensor, rank: int, size: int) -> Tensor:
+        width = tensor.shape[self.value] // self.heads
+        padding = list(tensor.shape)
+        padding[self.value] = (padded_heads(self.heads, size) - self.heads) * width
+        padded = torch.cat([tensor, tensor.new_zeros(padding)], dim=self.value)
+        return padded.chunk(size, self.value)[rank]
+
+    def whole_shape(self, local: torch.Size, size: int) -> torch.Size:
+        width = local[self.value] // (padded_heads(self.heads, size) // size)
+        return torch.Size((*local[: self.value], self.heads * width, *local[self.value + 1 :]))
+
+
+Split = TPSplit | PaddedHeads
 
 
 class Transform(Protocol):
@@ -128,7 +164,7 @@ class Rule:
     hf: tuple[str, ...]
     megatron: str
     transform: Transform = IDENTITY
-    split: TPSplit = TPSplit.REPLICATED
+    split: Split = TPSplit.REPLICATED
     per_layer: Part | None = None  # the patterns hold {layer}, repeated over this part's layers
 
     def __post_init__(self) -> None:
@@ -141,7 +177,7 @@ def rule(
     hf: str | tuple[str, ...],
     megatron: str,
     transform: Transform = IDENTITY,
-    split: TPSplit = TPSplit.REPLICATED,
+    split: Split = TPSplit.REPLICATED,
 ) -> Rule:
     return Rule(hf if isinstance(hf, tuple) else (hf,), megatron, transform, split)
 
@@ -167,7 +203,7 @@ class Entry:
     hf: tuple[str, ...]
     megatron: str
     transform: Transform
-    split: TPSplit
+    split: Split
     layer: int | None = field(default=None, compare=False)
 
 

@@ -10,6 +10,11 @@ of squares is all-reduced across the tensor-parallel group (in both directions: 
 The norms are attributes ``q_norm`` / ``k_norm`` of the attention module, not Megatron's
 ``q_layernorm`` slots: Megatron all-reduces every ``q_layernorm`` gradient across tensor-parallel ranks
 when the (language) config has ``qk_layernorm`` (Qwen3), which would sum the slices of different ranks.
+
+At a TP size that does not divide the 25 heads, the tower is built with zero heads padded up to a
+multiple of it (``head_padding``; ``vision_transformer_config`` pads). The norms then divide the
+all-reduced sum of squares by the real width, ``hidden_size`` (InternViT's heads span exactly the hidden
+width), not by the padded one; the padded queries and keys add nothing to the sum.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import Tensor
 
+from megatron_v2pe.model.head_padding import HeadPadding, unpadded_sharded_tensor, zero_padded_heads
 from megatron_v2pe.model.layer_specs import replace_attention
 
 
@@ -35,8 +41,8 @@ class CrossHeadRMSNorm(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.full_width = config.num_attention_heads * config.kv_channels
-        local = self.full_width // config.tensor_model_parallel_size
+        self.real_width = config.hidden_size  # the padded heads' zeros are not averaged in
+        local = config.num_attention_heads * config.kv_channels // config.tensor_model_parallel_size
         self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
         self.eps = config.layernorm_epsilon
@@ -48,7 +54,7 @@ class CrossHeadRMSNorm(torch.nn.Module):
         if self.parallel:
             group = parallel_state.get_tensor_model_parallel_group()
             sum_of_squares = dist_fn.all_reduce(sum_of_squares, group=group)
-        normed = flat * torch.rsqrt(sum_of_squares / self.full_width + self.eps)
+        normed = flat * torch.rsqrt(sum_of_squares / self.real_width + self.eps)
         return (self.weight * normed.to(x.dtype)).view(x.shape)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
@@ -56,13 +62,43 @@ class CrossHeadRMSNorm(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
 
 
+PADDED_BY_HEAD = {  # parameter -> the dimension its heads lie side by side along
+    "linear_qkv.weight": 0,
+    "linear_qkv.bias": 0,
+    "linear_proj.weight": 1,
+    "q_norm.weight": 0,
+    "k_norm.weight": 0,
+}
+
+
 class CrossHeadQKNormAttention(SelfAttention):
-    """Self-attention whose q and k are normalised by ``CrossHeadRMSNorm`` right after the projection."""
+    """Self-attention whose q and k are normalised by ``CrossHeadRMSNorm`` right after the projection;
+    with padded heads (more heads than ``hidden_size / kv_channels``) those are zero and checkpointed
+    as the unpadded tensors (``head_padding``)."""
 
     def __init__(self, config: TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.q_norm = CrossHeadRMSNorm(config)
         self.k_norm = CrossHeadRMSNorm(config)
+        real_heads = config.hidden_size // config.kv_channels
+        self.padding = None
+        if config.num_attention_heads != real_heads:
+            self.padding = HeadPadding(
+                real_heads, config.num_attention_heads, config.tensor_model_parallel_size,
+                parallel_state.get_tensor_model_parallel_rank(),
+            )  # fmt: skip
+            params = dict(self.named_parameters())
+            for name, dim in PADDED_BY_HEAD.items():
+                if name in params:
+                    zero_padded_heads(params[name], dim, self.padding)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.padding is not None:
+            for name, dim in PADDED_BY_HEAD.items():
+                if prefix + name in state:
+                    state[prefix + name] = unpadded_sharded_tensor(state[prefix + name], dim, self.padding)
+        return state
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
         qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
+from megatron_v2pe.model.head_padding import padded_heads
 from megatron_v2pe.v2pe.rotary import DynamicNTK
 
 
@@ -176,22 +177,43 @@ def language_transformer_config(config: VLMConfig, **overrides: Any) -> Transfor
     )
 
 
+def vision_attention_heads(vit: VisionConfig, tp: int) -> int:
+    """The heads the tower is built with at tensor-parallel size ``tp``: its own, or for InternViT-6B
+    (cross-head q/k norms) padded with zero heads up to a multiple of ``tp`` (``head_padding``)."""
+    heads = vit.num_attention_heads
+    if heads % tp == 0:
+        return heads
+    if not vit.qk_normalization:
+        raise ValueError(
+            f"tensor_model_parallel_size {tp} does not divide the vision tower's {heads} heads; padding "
+            "heads is implemented for InternViT-6B only: use a TP size dividing them"
+        )
+    if tp > heads:
+        raise ValueError(
+            f"tensor_model_parallel_size {tp} exceeds the vision tower's {heads} heads: every rank would "
+            f"hold a single head, most of them padding; use a TP size of at most {heads}"
+        )
+    return padded_heads(heads, tp)
+
+
 def vision_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:
     """InternViT blocks: LayerNorm (6B: RMSNorm), GELU MLP, biases (6B: none on qkv, dropped in its spec);
+    heads padded with zeros at a TP size that does not divide InternViT-6B's 25 (``vision_attention_heads``);
     never split across pipeline stages (the tower is a few percent of the model and runs before the first
     language layer: the first stage holds it, and its layer budget can be lowered to compensate)."""
     vit = config.vision
-    tp = overrides.get("tensor_model_parallel_size", 1)
-    if vit.num_attention_heads % tp:
+    heads = vision_attention_heads(vit, overrides.get("tensor_model_parallel_size", 1))
+    if overrides.get("num_attention_heads", heads) != heads:
         raise ValueError(
-            f"tensor_model_parallel_size {tp} does not divide the vision tower's {vit.num_attention_heads} "
-            "heads (InternViT-6B: 25, so TP 1 or 5; padding its heads to 32 is not implemented)"
+            f"num_attention_heads {overrides['num_attention_heads']} of the vision tower is derived from "
+            f"its config and the TP size ({heads}); do not set it"
         )
     params_dtype = overrides.pop("params_dtype", torch.float32)
     fields: dict[str, Any] = dict(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
-        num_attention_heads=vit.num_attention_heads,
+        num_attention_heads=heads,
+        kv_channels=vit.hidden_size // vit.num_attention_heads,
         ffn_hidden_size=vit.ffn_hidden_size,
         normalization=vit.normalization,
         layernorm_epsilon=vit.layernorm_epsilon,

@@ -30,6 +30,7 @@ from megatron_v2pe.data.probe import PACK_LIMITS, skips_before_first_fit
 from megatron_v2pe.data.source import DatasetUnreadable, expand_urls
 from megatron_v2pe.errors import UsageError
 from megatron_v2pe.model.model_config import ModelConfig, vlm_config
+from megatron_v2pe.model.presets import vision_attention_heads
 from megatron_v2pe.parallel.attention_backends import resolve_attention_backend
 from megatron_v2pe.parallel.config import ParallelConfig
 from megatron_v2pe.parallel.fp8 import FP8Recipe, fp8_transformer_overrides
@@ -455,6 +456,10 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
     tp = p.tensor_model_parallel_size
     stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
     lm, vit = vlm.language, vlm.vision
+    try:
+        vision_heads = vision_attention_heads(vit, tp)  # InternViT-6B: padded to a multiple of TP
+    except ValueError as err:
+        raise ConfigError(f"model {vlm.name}: {err}") from None
     tp_name, stages_name = "tensor_model_parallel_size", "pipeline stages (pipeline x virtual pipeline size)"
     rules = [  # (what, size, divisor, name of the divisor)
         ("language model attention heads", lm.num_attention_heads, tp, tp_name),
@@ -462,7 +467,7 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
         ("language model FFN hidden size", lm.ffn_hidden_size, tp, tp_name),
         ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
         ("vocabulary", lm.vocab_size, tp, tp_name),
-        ("vision attention heads", vit.num_attention_heads, tp, tp_name),
+        ("vision attention heads", vision_heads, tp, tp_name),
         ("vision FFN hidden size", vit.ffn_hidden_size, tp, tp_name),
         ("language model layers", lm.num_layers, stages, stages_name),
     ]

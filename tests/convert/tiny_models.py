@@ -28,14 +28,15 @@ Qwen2.5), ``qwen3`` with q/k norms, tied embeddings and a head width of its own 
 
 INTERNVIT_6B = dict(normalization="RMSNorm", qkv_bias=False, qk_normalization=True)
 """What the tiny InternViT-6B-style tower changes (the shapes stay ``tiny()``'s: 4 heads of 16)."""
+ODD_HEADS = dict(hidden_size=80, num_attention_heads=5, ffn_hidden_size=160)
+"""The ``6b_odd`` tower's shapes: 5 heads of 16, which TP 2 pads to 6 (as TP 8 pads InternViT-6B's 25)."""
 
 
 def family_config(family: str = "llama", tower: str = "300m") -> VLMConfig:
     """``tiny()`` with the language model of ``family`` ("internlm2": unchanged) and the vision tower
-    ``tower`` ("300m" or "6b")."""
-    base = CONFIG if tower == "300m" else dataclasses.replace(
-        CONFIG, vision=dataclasses.replace(CONFIG.vision, **INTERNVIT_6B)
-    )
+    ``tower`` ("300m", "6b" or "6b_odd")."""
+    vision = {"300m": {}, "6b": INTERNVIT_6B, "6b_odd": {**INTERNVIT_6B, **ODD_HEADS}}[tower]
+    base = dataclasses.replace(CONFIG, vision=dataclasses.replace(CONFIG.vision, **vision))
     if family == "internlm2":
         return base
     lm = CONFIG.language
@@ -88,11 +89,11 @@ def causal_lm(family: str = "llama", seed: int = 0):
 
 
 def hf_native_model(seed: int = 0, family: str = "llama", tower: str = "300m"):
-    """``InternVLForConditionalGeneration`` with the family's text model and an InternViT-300M or -6B
-    style vision tower, every weight random."""
+    """``InternVLForConditionalGeneration`` with the family's text model and the vision tower ``tower``
+    of ``family_config``, every weight random."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
-    vit = CONFIG.vision
+    vit = family_config(family, tower).vision
     text = text_config(family)
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
@@ -102,9 +103,9 @@ def hf_native_model(seed: int = 0, family: str = "llama", tower: str = "300m"):
             intermediate_size=vit.ffn_hidden_size,
             image_size=vit.image_size,
             patch_size=vit.patch_size,
-            attention_bias=tower == "300m",
-            use_qk_norm=tower == "6b",
-            norm_type="layer_norm" if tower == "300m" else "rms_norm",
+            attention_bias=vit.qkv_bias,
+            use_qk_norm=vit.qk_normalization,
+            norm_type="layer_norm" if vit.normalization == "LayerNorm" else "rms_norm",
             layer_norm_eps=1e-6,
         ).to_dict(),
         text_config=text.to_dict(),

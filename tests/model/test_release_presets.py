@@ -130,9 +130,20 @@ def test_a_released_config_json_reads_as_the_preset():
     assert config.language.family == "qwen2" and not config.language.tie_word_embeddings
 
 
-def test_internvit_6b_refuses_a_tensor_parallel_size_that_splits_a_head():
+def test_internvit_6b_pads_its_heads_to_a_multiple_of_the_tensor_parallel_size():
     from megatron_v2pe.model.presets import vision_transformer_config
 
-    with pytest.raises(ValueError, match="does not divide the vision tower's 25 heads"):
-        vision_transformer_config(internvl3_78b(), tensor_model_parallel_size=8)
+    at_tp8 = vision_transformer_config(internvl3_78b(), tensor_model_parallel_size=8)
+    assert (at_tp8.num_attention_heads, at_tp8.num_query_groups, at_tp8.kv_channels) == (32, 32, 128)
     assert vision_transformer_config(internvl3_78b(), tensor_model_parallel_size=5).num_attention_heads == 25
+    with pytest.raises(ValueError, match="exceeds the vision tower's 25 heads.*at most 25"):
+        vision_transformer_config(internvl3_78b(), tensor_model_parallel_size=32)
+    with pytest.raises(ValueError, match="num_attention_heads 25 .* derived"):
+        vision_transformer_config(internvl3_78b(), tensor_model_parallel_size=8, num_attention_heads=25)
+
+
+def test_internvit_300m_refuses_a_tensor_parallel_size_that_splits_a_head():
+    from megatron_v2pe.model.presets import vision_transformer_config
+
+    with pytest.raises(ValueError, match="does not divide the vision tower's 16 heads.*InternViT-6B only"):
+        vision_transformer_config(internvl3_8b(), tensor_model_parallel_size=3)

@@ -13,9 +13,11 @@ from tests.parallel.launch import run_torchrun
 TWO_RANKS = ["tp2", "sp", "pp2", "pp2_vpp2", "cp2", "dp2_distopt"]
 FOUR_RANKS = ["cp4", "tp2_cp2", "pp2_cp2"]
 TIED = ["pp2", "pp2_vpp2", "tp2", "sp"]
-"""Qwen3's language model (tied embeddings, per-head q/k norms) on the InternViT-6B-style tower: under PP
-the last stage's output layer is a copy of the first stage's embedding, kept equal by Megatron's
-embedding-group reductions; under TP the tower's cross-head q/k norms all-reduce their sum of squares."""
+"""Qwen3's language model (tied embeddings, per-head q/k norms) on the InternViT-6B-style tower with 5
+heads: under PP the last stage's output layer is a copy of the first stage's embedding, kept equal by
+Megatron's embedding-group reductions; under TP the tower's 5 heads are padded to 6 with zero heads (the
+weights loaded from and saved to the unpadded checkpoint tensors), and its cross-head q/k norms
+all-reduce their sum of squares and divide it by the real width."""
 FUSED = ["tp2", "sp", "cp2"]  # where the chunked loss and the compiled norm see other shards
 
 
@@ -33,7 +35,7 @@ def four_ranks(tmp_path_factory):
 def tied(tmp_path_factory):
     return run_torchrun(
         "vlm_layouts.py", 2, tmp_path_factory.mktemp("tied"), "--layouts", ",".join(TIED),
-        "--family", "qwen3", "--tower", "6b",
+        "--family", "qwen3", "--tower", "6b_odd",
     )  # fmt: skip
 
 

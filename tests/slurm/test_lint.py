@@ -31,7 +31,8 @@ def _tool(name: str) -> str:
 def test_the_scripts_are_there():
     names = {p.name for p in SHELL_SCRIPTS}
     assert {"train.sbatch", "run_task.sbatch", "common.sh", "internvl2_2b_v2pe_32k.sbatch",
-            "internvl2_2b_v2pe_256k.sbatch", "start_slurm.sh"} <= names
+            "internvl2_2b_v2pe_256k.sbatch", "internvl3_8b_32k.sbatch", "internvl3_78b_256k.sbatch",
+            "start_slurm.sh"} <= names
 
 
 def test_shellcheck():
