@@ -456,21 +456,26 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
     tp = p.tensor_model_parallel_size
     stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
     lm, vit = vlm.language, vlm.vision
-    try:
-        vision_heads = vision_attention_heads(vit, tp)  # InternViT-6B: padded to a multiple of TP
-    except ValueError as err:
-        raise ConfigError(f"model {vlm.name}: {err}") from None
     tp_name, stages_name = "tensor_model_parallel_size", "pipeline stages (pipeline x virtual pipeline size)"
-    rules = [  # (what, size, divisor, name of the divisor)
+    _check_divisible(vlm, [  # (what, size, divisor, name of the divisor)
         ("language model attention heads", lm.num_attention_heads, tp, tp_name),
         ("language model query groups", lm.num_query_groups, tp, tp_name),
         ("language model FFN hidden size", lm.ffn_hidden_size, tp, tp_name),
         ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
         ("vocabulary", lm.vocab_size, tp, tp_name),
+    ])
+    try:
+        vision_heads = vision_attention_heads(vit, tp)  # InternViT-6B: padded to a multiple of TP
+    except ValueError as err:
+        raise ConfigError(f"model {vlm.name}: {err}") from None
+    _check_divisible(vlm, [
         ("vision attention heads", vision_heads, tp, tp_name),
         ("vision FFN hidden size", vit.ffn_hidden_size, tp, tp_name),
         ("language model layers", lm.num_layers, stages, stages_name),
-    ]
+    ])
+
+
+def _check_divisible(vlm: VLMConfig, rules: list[tuple[str, int, int, str]]) -> None:
     for what, size, divisor, name in rules:
         if size % divisor:
             fix = (

@@ -59,5 +59,9 @@ def test_internvl3_78b_at_tp8_needs_the_padded_vocabulary(synth_data):
 
 def test_a_tensor_parallel_size_the_vit_cannot_pad_to_is_a_config_error(synth_data):
     config = _recipe(synth_data, "parallel.tensor_model_parallel_size=32", path=EXAMPLE_78B)
+    with pytest.raises(ConfigError, match="internvl3_78b: language model query groups = 8 .* 32"):
+        validate_architecture(config, preset(config.model.preset))  # the language model first
+    vlm = preset(config.model.preset)
+    vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, num_query_groups=64, vocab_size=151_680))
     with pytest.raises(ConfigError, match="internvl3_78b: tensor_model_parallel_size 32 exceeds .* 25 heads"):
-        validate_architecture(config, preset(config.model.preset))
+        validate_architecture(config, vlm)
