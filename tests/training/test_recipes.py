@@ -62,6 +62,7 @@ def test_a_tensor_parallel_size_the_vit_cannot_pad_to_is_a_config_error(synth_da
     with pytest.raises(ConfigError, match="internvl3_78b: language model query groups = 8 .* 32"):
         validate_architecture(config, preset(config.model.preset))  # the language model first
     vlm = preset(config.model.preset)
-    vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, num_query_groups=64, vocab_size=151_680))
+    language = dataclasses.replace(vlm.language, num_query_groups=64, vocab_size=151_680)
+    vlm = dataclasses.replace(vlm, language=language)
     with pytest.raises(ConfigError, match="internvl3_78b: tensor_model_parallel_size 32 exceeds .* 25 heads"):
         validate_architecture(config, vlm)
