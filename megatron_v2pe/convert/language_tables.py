@@ -5,7 +5,9 @@ transformers class names it: the remote-code releases as the LLM was published (
 ``attention.wqkv`` and ``feed_forward.w1/w3``, or Qwen2 / Qwen3 / Llama's ``self_attn.q_proj`` ...), the
 transformers-native layout as its text model (``LlamaForCausalLM`` for the InternLM2 releases, the
 family's own class otherwise). Qwen2 adds the q/k/v biases to the Llama table, Qwen3 the per-head q/k
-norms; tied embeddings have no output-layer rule (Megatron and transformers hold one tensor).
+norms; tied embeddings have no output-layer rule (Megatron and transformers hold one tensor). The embedding and
+output layer split their vocabulary rows ``Padded``: at a TP size not dividing the vocabulary, each rank's
+piece is padded with zero rows (``model/tp_padding.py``).
 
 InternLM2's ``wqkv`` is already fused per KV group as [q x heads/kv_heads | k | v], Megatron's own
 layout, so it maps unchanged; separate q/k/v are regrouped per query group.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from megatron_v2pe.convert.mapping import IDENTITY, Concat, Rule, SeparateQKV, TPSplit, layer_rules, rule
+from megatron_v2pe.convert.mapping import IDENTITY, Concat, Padded, Rule, SeparateQKV, TPSplit, layer_rules, rule
 from megatron_v2pe.model.presets import LanguageConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW
@@ -65,15 +67,15 @@ def language_rules(lm: LanguageConfig, naming: Naming) -> list[Rule]:
     """Every rule of the language model, Hugging Face names under ``language_model.``."""
     embedding, norm, output = INTERNLM2_OUTSIDE_LAYERS if naming == "internlm2" else LLAMA_OUTSIDE_LAYERS
     layer = INTERNLM2_LAYER if naming == "internlm2" else llama_layer(lm)
+    vocabulary = Padded(COLUMN, lm.vocab_size)  # rows padded to a multiple of TP on the last rank
     rules = [
-        rule(
-            f"language_model.{embedding}", "language_model.embedding.word_embeddings.weight", IDENTITY, COLUMN
-        ),
+        rule(f"language_model.{embedding}", "language_model.embedding.word_embeddings.weight", IDENTITY,
+             vocabulary),
         rule(f"language_model.{norm}", "language_model.decoder.final_layernorm.weight"),
-    ]
+    ]  # fmt: skip
     if not lm.tie_word_embeddings:
         rules.append(
-            rule(f"language_model.{output}", "language_model.output_layer.weight", IDENTITY, COLUMN)
+            rule(f"language_model.{output}", "language_model.output_layer.weight", IDENTITY, vocabulary)
         )
     return [
         *rules,

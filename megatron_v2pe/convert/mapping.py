@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from megatron_v2pe.model.head_padding import padded_heads
+from megatron_v2pe.model.tp_padding import padded_size
 from megatron_v2pe.model.presets import VLMConfig
 
 
@@ -49,31 +49,32 @@ class TPSplit(enum.Enum):
 
 
 @dataclass(frozen=True)
-class PaddedHeads:
-    """A column or row split of a tensor holding ``heads`` attention heads side by side along the split
-    dimension, where each rank's piece is that of the tensor padded with zero heads up to a multiple of
-    the TP size (InternViT-6B's 25 heads at TP 8: ``model/head_padding.py``)."""
+class Padded:
+    """A column or row split of a tensor holding ``units`` equal slices side by side along the split
+    dimension (attention heads, vocabulary rows), where each rank's piece is that of the tensor padded
+    with zero units up to a multiple of the TP size (InternViT-6B's 25 heads or InternVL3-78B's 151,674
+    vocabulary rows at TP 8: ``model/tp_padding.py``)."""
 
     split: TPSplit
-    heads: int
+    units: int
 
     @property
     def value(self) -> int:
         return self.split.value
 
     def shard(self, tensor: Tensor, rank: int, size: int) -> Tensor:
-        width = tensor.shape[self.value] // self.heads
+        width = tensor.shape[self.value] // self.units
         padding = list(tensor.shape)
-        padding[self.value] = (padded_heads(self.heads, size) - self.heads) * width
+        padding[self.value] = (padded_size(self.units, size) - self.units) * width
         padded = torch.cat([tensor, tensor.new_zeros(padding)], dim=self.value)
         return padded.chunk(size, self.value)[rank]
 
     def whole_shape(self, local: torch.Size, size: int) -> torch.Size:
-        width = local[self.value] // (padded_heads(self.heads, size) // size)
-        return torch.Size((*local[: self.value], self.heads * width, *local[self.value + 1 :]))
+        width = local[self.value] // (padded_size(self.units, size) // size)
+        return torch.Size((*local[: self.value], self.units * width, *local[self.value + 1 :]))
 
 
-Split = TPSplit | PaddedHeads
+Split = TPSplit | Padded
 
 
 class Transform(Protocol):

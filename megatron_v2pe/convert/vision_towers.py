@@ -3,15 +3,15 @@
 Each layout writes the InternViT-300M layer once; ``for_tower`` turns it into the table of the tower the
 config describes: RMSNorm has no norm biases, the 6B's qkv projection no bias, and its cross-head q/k
 norms (``model/internvit_6b.py``) are one weight of width heads × head_dim each, split across
-tensor-parallel ranks with the heads. Its per-head tensors split as ``PaddedHeads``: at a TP size not
-dividing the heads each rank's piece is padded with zero heads (``model/head_padding.py``).
+tensor-parallel ranks with the heads. Its per-head tensors split as ``Padded`` heads: at a TP size not
+dividing the heads each rank's piece is padded with zero heads (``model/tp_padding.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from megatron_v2pe.convert.mapping import IDENTITY, PaddedHeads, Rule, TPSplit, rule
+from megatron_v2pe.convert.mapping import IDENTITY, Padded, Rule, TPSplit, rule
 from megatron_v2pe.model.presets import VisionConfig
 
 NORM_BIASES = {"input_layernorm.bias", "pre_mlp_layernorm.bias"}
@@ -37,7 +37,7 @@ def for_tower(layer: list[Rule], vision: VisionConfig, q_norm: str, k_norm: str)
         ]
         heads = vision.num_attention_heads
         rules = [
-            dataclasses.replace(r, split=PaddedHeads(r.split, heads))
+            dataclasses.replace(r, split=Padded(r.split, heads))
             if r.megatron in PER_HEAD else r
             for r in rules
         ]  # fmt: skip

@@ -9,7 +9,9 @@ Semantics are Megatron-Core's ``vocab_parallel_cross_entropy``: the weight holds
 rank's slice of the vocabulary, maxima, exponential sums and target logits are reduced over the
 tensor-parallel group, logits are cast to float32 after the GEMM in the weights' dtype. The hidden states
 enter as ``ColumnParallelLinear`` takes them (all-gathered under sequence parallelism, and the input
-gradient reduced across the group).
+gradient reduced across the group). Rows past ``real_rows`` of the slice pad the vocabulary to what
+the TP size splits (``tp_padding``): their logits are -inf, so they add nothing to the loss and get zero
+gradients.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def _all_reduce(tensor: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
     return tensor
 
 
+def _logits(hidden: Tensor, weight: Tensor, real_rows: int) -> Tensor:
+    """float32 logits of this rank's vocabulary slice, -inf past its real rows."""
+    logits = (hidden @ weight.t()).float()
+    logits[:, real_rows:] = float("-inf")
+    return logits
+
+
 def _local_targets(labels: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
     """Labels shifted into this rank's vocabulary slice (0 where outside) and the mask of those inside."""
     inside = (labels >= start) & (labels < end)
@@ -45,14 +54,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """hidden [t, h], weight [v_local, h], labels [t] -> per-token cross entropy [t] (float32)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, group):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, group, real_rows):
         start, end = _vocab_range(weight, group)
         targets, inside = _local_targets(labels, start, end)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logit = torch.empty_like(lse)
         for s in range(0, hidden.shape[0], chunk_tokens):
             e = min(s + chunk_tokens, hidden.shape[0])
-            logits = (hidden[s:e] @ weight.t()).float()
+            logits = _logits(hidden[s:e], weight, real_rows)
             picked = logits.gather(1, targets[s:e, None]).squeeze(1)
             target_logit[s:e] = torch.where(inside[s:e], picked, 0.0)
             peak = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
@@ -61,7 +70,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             del logits  # before the next chunk's GEMM allocates its own
         _all_reduce(target_logit, group)
         ctx.save_for_backward(hidden, weight, targets, inside, lse)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.real_rows = chunk_tokens, real_rows
         return lse - target_logit
 
     @staticmethod
@@ -71,32 +80,36 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, hidden.shape[0], ctx.chunk_tokens):
             e = min(s + ctx.chunk_tokens, hidden.shape[0])
-            softmax = (hidden[s:e] @ weight.t()).float().sub_(lse[s:e, None]).exp_()
+            softmax = _logits(hidden[s:e], weight, ctx.real_rows).sub_(lse[s:e, None]).exp_()
             rows = torch.arange(e - s, device=hidden.device)
             softmax[rows, targets[s:e]] -= inside[s:e].to(softmax.dtype)
             grad_logits = softmax.mul_(grad_loss[s:e, None]).to(weight.dtype)
             grad_hidden[s:e] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ hidden[s:e]).float()
             del softmax, grad_logits
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def chunked_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, group=None
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, group=None, real_rows: int | None = None
 ) -> Tensor:
     """Per-token cross entropy of ``hidden @ weight.T`` against ``labels`` (all [t, ...] flattened to t),
-    ``chunk_tokens`` tokens at a time. ``weight`` is this rank's vocabulary slice over ``group``."""
+    ``chunk_tokens`` tokens at a time. ``weight`` is this rank's vocabulary slice over ``group``, of which
+    the first ``real_rows`` (all if None) are real ids and the rest padding."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, group)
+    real_rows = weight.shape[0] if real_rows is None else real_rows
+    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, group, real_rows)
 
 
 class ChunkedLossProcessor:
     """A Megatron-Core ``GPTModel`` output processor: the per-token loss [b, s] from the final hidden
-    states [s, b, h] without the logits (``GPTModel.forward(..., output_processor=...)``)."""
+    states [s, b, h] without the logits (``GPTModel.forward(..., output_processor=...)``); the first
+    ``real_rows`` rows of the output layer's slice are real ids, the rest padding (all real if None)."""
 
-    def __init__(self, chunk_tokens: int):
+    def __init__(self, chunk_tokens: int, real_rows: int | None = None):
         self.chunk_tokens = chunk_tokens
+        self.real_rows = real_rows
 
     def __call__(self, *, hidden_states, output_layer, output_weight, labels, config, **_unused) -> Tensor:
         if getattr(config, "use_mup", False):
@@ -110,5 +123,5 @@ class ChunkedLossProcessor:
         seq, batch = hidden_states.shape[:2]
         targets = labels.transpose(0, 1).reshape(-1)
         hidden = hidden_states.reshape(seq * batch, -1)
-        loss = chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens, group)
+        loss = chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens, group, self.real_rows)
         return loss.view(seq, batch).transpose(0, 1).contiguous()

@@ -12,7 +12,7 @@ The norms are attributes ``q_norm`` / ``k_norm`` of the attention module, not Me
 when the (language) config has ``qk_layernorm`` (Qwen3), which would sum the slices of different ranks.
 
 At a TP size that does not divide the 25 heads, the tower is built with zero heads padded up to a
-multiple of it (``head_padding``; ``vision_transformer_config`` pads). The norms then divide the
+multiple of it (``tp_padding``; ``vision_transformer_config`` pads). The norms then divide the
 all-reduced sum of squares by the real width, ``hidden_size`` (InternViT's heads span exactly the hidden
 width), not by the padded one; the padded queries and keys add nothing to the sum.
 """
@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import Tensor
 
-from megatron_v2pe.model.head_padding import HeadPadding, unpadded_sharded_tensor, zero_padded_heads
+from megatron_v2pe.model.tp_padding import TPPadding, unpadded_sharded_tensor, zero_padding
 from megatron_v2pe.model.layer_specs import replace_attention
 
 
@@ -74,7 +74,7 @@ PADDED_BY_HEAD = {  # parameter -> the dimension its heads lie side by side alon
 class CrossHeadQKNormAttention(SelfAttention):
     """Self-attention whose q and k are normalised by ``CrossHeadRMSNorm`` right after the projection;
     with padded heads (more heads than ``hidden_size / kv_channels``) those are zero and checkpointed
-    as the unpadded tensors (``head_padding``)."""
+    as the unpadded tensors (``tp_padding``)."""
 
     def __init__(self, config: TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -83,14 +83,14 @@ class CrossHeadQKNormAttention(SelfAttention):
         real_heads = config.hidden_size // config.kv_channels
         self.padding = None
         if config.num_attention_heads != real_heads:
-            self.padding = HeadPadding(
+            self.padding = TPPadding(
                 real_heads, config.num_attention_heads, config.tensor_model_parallel_size,
                 parallel_state.get_tensor_model_parallel_rank(),
             )  # fmt: skip
             params = dict(self.named_parameters())
             for name, dim in PADDED_BY_HEAD.items():
                 if name in params:
-                    zero_padded_heads(params[name], dim, self.padding)
+                    zero_padding(params[name], dim, self.padding)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -1,9 +1,11 @@
-"""A Megatron-Core ``GPTModel`` whose rotary positions are V2PE positions passed in as data."""
+"""A Megatron-Core ``GPTModel`` whose rotary positions are V2PE positions passed in as data, and whose
+vocabulary is padded to what the tensor-parallel size splits, the padded logits masked."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -13,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_v2pe.model.layer_specs import V2PESelfAttention
+from megatron_v2pe.model.tp_padding import TPPadding, unpadded_sharded_tensor, zero_padding
 from megatron_v2pe.v2pe.rotary import DynamicNTK, V2PERotaryEmbedding, sequence_lengths
 
 
@@ -22,7 +25,16 @@ class V2PEGPTModel(GPTModel):
     ``forward`` takes ``positions`` (float64, [b, s], or [1, t] for a packed THD micro-batch) as a
     keyword argument: Float16Module casts positional floating-point arguments to bf16, which would
     collapse fractional positions. Angles are computed on every pipeline stage from the same positions.
+
+    ``vocab_size`` is the real vocabulary (the tokenizer's ids). At a TP size not dividing it, the
+    embedding and output layer are built with zero rows padded up to a multiple of it (on the last rank,
+    as Megatron-LM pads; ``tp_padding``), checkpointed as the unpadded tensors, and the padded logits are
+    -inf: the loss, the gradients and every argmax or sample are the unpadded model's. (Megatron-LM pads
+    to a multiple of 128 x TP and does not mask: those rows are part of its vocabulary, as they are of
+    the ``tiny`` preset's, whose vocabulary is the tokenizer's padded to 128.)
     """
+
+    VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
     def __init__(
         self,
@@ -44,17 +56,49 @@ class V2PEGPTModel(GPTModel):
                 f"V2PEGPTModel needs a layer spec with V2PESelfAttention, got {attention}: build it "
                 "with megatron_v2pe.model.layer_specs.v2pe_layer_spec() or v2pe_decoder_block_spec()"
             )
+        padding = TPPadding.of(
+            vocab_size, config.tensor_model_parallel_size, parallel_state.get_tensor_model_parallel_rank()
+        )
         super().__init__(
             config,
             transformer_layer_spec,
-            vocab_size,
+            padding.padded,
             max_sequence_length,
             position_embedding_type="none",
             **kwargs,
         )
+        self.vocab_padding = padding
+        if padding.padded != vocab_size:
+            self._pad_vocabulary()
         self.rotary_pos_emb = V2PERotaryEmbedding(
             config.kv_channels, rotary_percent, rotary_base, dynamic_ntk
         )
+
+    def _pad_vocabulary(self) -> None:
+        """Zero this rank's padded embedding and output rows; mask the padded logits."""
+        params = dict(self.named_parameters())
+        for name in self.VOCAB_ROWS:
+            if name in params:
+                zero_padding(params[name], 0, self.vocab_padding)
+        if self.post_process:
+            self.output_layer.register_forward_hook(self._mask_padded_logits)
+
+    def _mask_padded_logits(self, module, args, output: tuple) -> tuple:
+        """-inf in the padded columns of the output layer's logits (this rank's, or gathered)."""
+        logits, bias = output
+        padding = self.vocab_padding
+        real = padding.units if logits.shape[-1] == padding.padded else len(padding.real)
+        masked = F.pad(logits[..., :real], (0, logits.shape[-1] - real), value=float("-inf"))
+        return masked, bias
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
+        """Megatron's, with the vocabulary rows as pieces of the unpadded tensors (``tp_padding``)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.vocab_padding.padded != self.vocab_padding.units:
+            for name in self.VOCAB_ROWS:
+                if prefix + name in state:
+                    state[prefix + name] = unpadded_sharded_tensor(state[prefix + name], 0, self.vocab_padding)
+        return state
 
     def forward(
         self,

@@ -58,8 +58,11 @@ class ModelConfig:
 
 def vlm_config(model: ModelConfig, tokenizer_vocab_size: int, tokenizer_img_context_id: int) -> VLMConfig:
     """The architecture: a preset or an HF config.json with the section's overrides; the tiny preset
-    takes the tokenizer's vocabulary (padded like Megatron's, so that any TP size up to 128 splits it)
-    and <IMG_CONTEXT> id."""
+    takes the tokenizer's <IMG_CONTEXT> id and vocabulary, padded to a multiple of 128 as Megatron-LM's
+    make_vocab_size_divisible_by pads: as in Megatron-LM those extra ids are part of the tiny model's own
+    vocabulary (trained, never masked), so any TP size up to 128 splits it unpadded. A release's
+    vocabulary is its tokenizer's; the model pads it to what the TP size splits and masks the padding
+    (``language_model.V2PEGPTModel``)."""
     if model.hf_config:
         vlm = from_hf_config(model.hf_config, img_context_token_id=model.img_context_token_id)
     elif model.preset == "tiny":

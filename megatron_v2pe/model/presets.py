@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_v2pe.model.config import common_transformer_fields, internlm2_transformer_config
-from megatron_v2pe.model.head_padding import padded_heads
+from megatron_v2pe.model.tp_padding import padded_size
 from megatron_v2pe.v2pe.rotary import DynamicNTK
 
 
@@ -179,7 +179,7 @@ def language_transformer_config(config: VLMConfig, **overrides: Any) -> Transfor
 
 def vision_attention_heads(vit: VisionConfig, tp: int) -> int:
     """The heads the tower is built with at tensor-parallel size ``tp``: its own, or for InternViT-6B
-    (cross-head q/k norms) padded with zero heads up to a multiple of ``tp`` (``head_padding``)."""
+    (cross-head q/k norms) padded with zero heads up to a multiple of ``tp`` (``tp_padding``)."""
     heads = vit.num_attention_heads
     if heads % tp == 0:
         return heads
@@ -193,7 +193,7 @@ def vision_attention_heads(vit: VisionConfig, tp: int) -> int:
             f"tensor_model_parallel_size {tp} exceeds the vision tower's {heads} heads: every rank would "
             f"hold a single head, most of them padding; use a TP size of at most {heads}"
         )
-    return padded_heads(heads, tp)
+    return padded_size(heads, tp)
 
 
 def vision_transformer_config(config: VLMConfig, **overrides: Any) -> TransformerConfig:

@@ -462,8 +462,7 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
         ("language model query groups", lm.num_query_groups, tp, tp_name),
         ("language model FFN hidden size", lm.ffn_hidden_size, tp, tp_name),
         ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
-        ("vocabulary", lm.vocab_size, tp, tp_name),
-    ])
+    ])  # the vocabulary is padded to a multiple of TP (model/tp_padding.py)
     try:
         vision_heads = vision_attention_heads(vit, tp)  # InternViT-6B: padded to a multiple of TP
     except ValueError as err:
@@ -478,13 +477,9 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
 def _check_divisible(vlm: VLMConfig, rules: list[tuple[str, int, int, str]]) -> None:
     for what, size, divisor, name in rules:
         if size % divisor:
-            fix = (
-                f"set model.vocab_size to a multiple of {divisor} (padding ids are never produced)"
-                if what == "vocabulary"
-                else f"choose {name} dividing {size}"
-            )
             raise ConfigError(
-                f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; {fix}"
+                f"model {vlm.name}: {what} = {size} is not divisible by {name} {divisor}; "
+                f"choose {name} dividing {size}"
             )
 
 

@@ -1,4 +1,4 @@
-"""Zero-padded attention heads (InternViT-6B's 25 at TP 8: ``model/head_padding.py``) change nothing. A
+"""Zero-padded attention heads (InternViT-6B's 25 at TP 8: ``model/tp_padding.py``) change nothing. A
 tiny InternViT-6B-style tower of 5 heads built with 6 (one zero head, as TP 2 pads it) gives transformers'
 ``InternVLVisionModel`` features and input gradients, and the unpadded tower's weight gradients, while
 its padding gets zero gradients. The split rules pad each rank's piece and strip back bit-identically."""
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from megatron_v2pe.convert import LAYOUTS
 from megatron_v2pe.convert.checkpoint import build_model, load_hf_weights, table
-from megatron_v2pe.convert.mapping import PaddedHeads
+from megatron_v2pe.convert.mapping import Padded
 from megatron_v2pe.convert.safetensors_io import SafetensorsSource
 from megatron_v2pe.model.presets import vision_transformer_config
 from megatron_v2pe.model.vision import InternViTModel, vision_layer_spec
@@ -111,7 +111,7 @@ def test_split_rules_pad_each_ranks_piece_and_strip_back_bit_identically(tmp_pat
     config = family_config("qwen2", "6b_odd")
     hf_native_model(family="qwen2", tower="6b_odd").save_pretrained(tmp_path)
     hf = load_file(tmp_path / "model.safetensors")
-    padded_entries = [e for e in table(LAYOUTS["hf"], config) if isinstance(e.split, PaddedHeads)]
+    padded_entries = [e for e in table(LAYOUTS["hf"], config) if isinstance(e.split, Padded)]
     assert len(padded_entries) == 4 * config.vision.num_layers  # qkv, proj, q and k norms
     for e in padded_entries:
         whole = e.transform.to_megatron([hf[name] for name in e.hf])

@@ -172,11 +172,6 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
             2,
             r"layers = 2 is not divisible by pipeline stages \(pipeline x virtual pipeline size\) 4",
         ),
-        (
-            {"parallel.tensor_model_parallel_size": 2, "model.vocab_size": 641},
-            2,
-            "vocabulary = 641 .*; set model.vocab_size to a multiple of 2",
-        ),
     ],
 )
 def test_model_that_does_not_split_over_the_layout(synth_data, monkeypatch, extra, world_size, message):
@@ -185,6 +180,16 @@ def test_model_that_does_not_split_over_the_layout(synth_data, monkeypatch, extr
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(ConfigError, match="model tiny: .*" + message):
         preflight(config(synth_data, **extra))
+
+
+def test_a_vocabulary_the_tp_size_does_not_divide_is_accepted(synth_data, monkeypatch):
+    """The model pads it to a multiple of TP and masks the padding (``model/tp_padding.py``)."""
+    from megatron_v2pe.training.train import preflight
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    layout = {"parallel.tensor_model_parallel_size": 2, "model.vocab_size": 641}
+    vlm, _ = preflight(config(synth_data, **layout))
+    assert vlm.language.vocab_size == 641
 
 
 def test_packs_smaller_than_every_sample(synth_data):
@@ -238,7 +243,7 @@ def test_under_torchrun_rank_0_alone_prints_and_exit_code_is_2(synth_data):
 
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
     launch.append(f"--master-port={free_port()}")
-    layout = {"parallel.tensor_model_parallel_size": 2, "model.vocab_size": 641}
+    layout = {"parallel.pipeline_model_parallel_size": 2, "parallel.virtual_pipeline_model_parallel_size": 2}
     overrides = tiny_overrides(synth_data, **layout)
     proc = subprocess.run(
         [*launch, "-m", "megatron_v2pe.training.train", "--config", str(TINY_CONFIG), *overrides],
@@ -248,7 +253,7 @@ def test_under_torchrun_rank_0_alone_prints_and_exit_code_is_2(synth_data):
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if "v2pe-train: error:" in line]
     assert len(errors) == 1
-    assert "vocabulary = 641 is not divisible by tensor_model_parallel_size 2" in errors[0]
+    assert "layers = 2 is not divisible by pipeline stages" in errors[0]
     assert "exitcode  : 2" in output  # torchrun's report of the first rank to exit
     assert "megatron_v2pe/" not in output  # no traceback through the project's code
 

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from megatron_v2pe.model.presets import preset, vision_transformer_config
+from megatron_v2pe.model.tp_padding import TPPadding
 from megatron_v2pe.training.config import ConfigError, load_config, validate, validate_architecture
 from tests.training.conftest import TINY_CONFIG
 
@@ -38,9 +39,7 @@ def test_internvl3_8b_recipe_refuses_a_world_size_it_does_not_divide(synth_data)
 def test_internvl3_78b_recipe_validates_on_256_gpus_with_the_vit_heads_padded(synth_data):
     config = _recipe(synth_data, path=EXAMPLE_78B)
     validate(config, world_size=256)
-    vlm = preset(config.model.preset)  # with the recipe's vocabulary, as the trainer builds it
-    vocab = config.model.vocab_size
-    vlm = dataclasses.replace(vlm, language=dataclasses.replace(vlm.language, vocab_size=vocab))
+    vlm = preset(config.model.preset)
     validate_architecture(config, vlm)
     p = config.parallel
     sizes = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
@@ -51,10 +50,15 @@ def test_internvl3_78b_recipe_validates_on_256_gpus_with_the_vit_heads_padded(sy
     assert vision.num_attention_heads == 32  # 25 heads + 7 zero heads, 4 a rank
 
 
-def test_internvl3_78b_at_tp8_needs_the_padded_vocabulary(synth_data):
+def test_internvl3_78b_at_tp8_is_built_with_its_vocabulary_padded(synth_data):
     config = _recipe(synth_data, path=EXAMPLE_78B)
-    with pytest.raises(ConfigError, match="vocabulary = 151674 is not divisible by tensor_model_parallel"):
-        validate_architecture(config, preset(config.model.preset))
+    assert config.model.vocab_size is None  # the release's vocabulary, as converted
+    vocab = preset(config.model.preset).language.vocab_size
+    assert vocab == 151_674
+    tp = config.parallel.tensor_model_parallel_size
+    rows = [TPPadding.of(vocab, tp, rank) for rank in range(tp)]
+    assert [p.padded for p in rows] == [151_680] * tp  # 18,960 rows a rank
+    assert [len(p.real) for p in rows] == [18_960] * 7 + [18_960 - 6]  # the last rank holds the padding
 
 
 def test_a_tensor_parallel_size_the_vit_cannot_pad_to_is_a_config_error(synth_data):
