@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from megatron_v2pe.convert.mapping import IDENTITY, Concat, Padded, Rule, SeparateQKV, TPSplit, layer_rules, rule
+from megatron_v2pe.convert.mapping import (
+    IDENTITY, Concat, Padded, Rule, SeparateQKV, TPSplit, layer_rules, rule,
+)  # fmt: skip
 from megatron_v2pe.model.presets import LanguageConfig
 
 COLUMN, ROW = TPSplit.COLUMN, TPSplit.ROW

@@ -91,7 +91,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, group=None, real_rows: int | None = None
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    chunk_tokens: int,
+    group=None,
+    real_rows: int | None = None,
 ) -> Tensor:
     """Per-token cross entropy of ``hidden @ weight.T`` against ``labels`` (all [t, ...] flattened to t),
     ``chunk_tokens`` tokens at a time. ``weight`` is this rank's vocabulary slice over ``group``, of which

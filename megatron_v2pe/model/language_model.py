@@ -97,7 +97,9 @@ class V2PEGPTModel(GPTModel):
         if self.vocab_padding.padded != self.vocab_padding.units:
             for name in self.VOCAB_ROWS:
                 if prefix + name in state:
-                    state[prefix + name] = unpadded_sharded_tensor(state[prefix + name], 0, self.vocab_padding)
+                    state[prefix + name] = unpadded_sharded_tensor(
+                        state[prefix + name], 0, self.vocab_padding
+                    )
         return state
 
     def forward(

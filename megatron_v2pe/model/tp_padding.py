@@ -69,20 +69,22 @@ def unpadded_sharded_tensor(sharded: ShardedTensor, dim: int, padding: TPPadding
     """``sharded`` (this rank's padded piece, split along ``dim`` over the TP group) as a factory of the
     real units held here: one piece of the unpadded tensor (uneven across ranks, none on a rank holding
     padding only); loading puts zeros in the padding."""
-    axis = dim + sharded.prepend_axis_num
+    prepend = sharded.prepend_axis_num
     real, per_rank = padding.real, padding.per_rank
 
     def build(key, data, replica_id, flattened_range):
         if not real:
             return []
         width = data.shape[dim] // per_rank
-        piece = data.narrow(dim, 0, len(real) * width)
+        # The prepended axes (layer stacks) become the piece's own: uneven pieces are saved with as
+        # many local as global dimensions.
+        piece = data.narrow(dim, 0, len(real) * width)[(None,) * prepend]
         global_shape, global_offset = list(sharded.global_shape), list(sharded.global_offset)
-        global_shape[axis], global_offset[axis] = padding.units * width, real.start * width
+        global_shape[dim + prepend], global_offset[dim + prepend] = padding.units * width, real.start * width
         return [
             ShardedTensor(
                 key, piece, piece.dtype, tuple(piece.shape), tuple(global_shape), tuple(global_offset),
-                axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=sharded.prepend_axis_num,
+                axis_fragmentations=None, replica_id=replica_id,
             )
         ]  # fmt: skip
 
@@ -92,6 +94,6 @@ def unpadded_sharded_tensor(sharded: ShardedTensor, dim: int, padding: TPPadding
         padding_shape[dim] = template.shape[dim] // per_rank * (per_rank - len(real))
         dtype = pieces[0].dtype if pieces else template.dtype  # optimizer states: their own dtype
         zeros = torch.zeros(padding_shape, dtype=dtype, device=template.device)
-        return torch.cat([*(p.to(template.device) for p in pieces), zeros], dim=dim)
+        return torch.cat([*(p[(0,) * prepend].to(template.device) for p in pieces), zeros], dim=dim)
 
     return ShardedTensorFactory(sharded.key, sharded.data, build, merge, sharded.replica_id)

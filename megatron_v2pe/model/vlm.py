@@ -173,13 +173,14 @@ class InternVLModel(MegatronModule):
         decoder_input = self.embed(input_ids, pixel_values, image_feature_index) if self.pre_process else None
         chunk = self.fusions.loss_chunk_tokens
         real_rows = len(self.language_model.vocab_padding.real)
+        chunked = ChunkedLossProcessor(chunk, real_rows) if chunk and labels is not None else None
         return self.language_model(
             None,
             positions=positions,
             decoder_input=decoder_input,
             labels=labels,
             packed_seq_params=packed_seq_params,
-            output_processor=ChunkedLossProcessor(chunk, real_rows) if chunk and labels is not None else None,
+            output_processor=chunked,
         )
 
 

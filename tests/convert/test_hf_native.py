@@ -24,9 +24,12 @@ pytestmark = pytest.mark.usefixtures("megatron_runtime")
 LAYOUT = LAYOUTS["hf"]
 
 
-CASES = [(family, "300m") for family in FAMILIES] + [("llama", "6b"), ("qwen2", "6b")]
-"""(language family, vision tower): every family on InternViT-300M, and InternViT-6B's normalisation under
-InternLM2 (InternVL2.5-26B) and Qwen2.5 (InternVL3-78B)."""
+CASES = [(family, "300m") for family in FAMILIES] + [
+    ("llama", "6b"), ("qwen2", "6b"), ("qwen2_odd_vocab", "300m"),
+]
+"""(language family, vision tower): every family on InternViT-300M, InternViT-6B's normalisation under
+InternLM2 (InternVL2.5-26B) and Qwen2.5 (InternVL3-78B), and an odd vocabulary that TP pads (TP 2 gives
+the single-process loss and gradients: tests/parallel/test_vlm_layouts.py)."""
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])

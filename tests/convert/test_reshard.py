@@ -1,6 +1,6 @@
 """A dist checkpoint written at TP=2, PP=2 exports to the same Hugging Face tensors as at TP=1, for each
 language family (tied embeddings included: the last stage's copy is saved as the embedding's replica) and
-for an InternViT-6B-style tower whose heads TP 2 pads."""
+for an InternViT-6B-style tower whose heads TP 2 pads and a vocabulary TP 2 pads."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ pytestmark = pytest.mark.usefixtures("megatron_runtime")
 
 
 FAMILIES = ("llama", "qwen2", "qwen3")  # InternLM2 as Llama; q/k/v biases and tied; q/k norms and tied
-CASES = [*((f, "300m") for f in FAMILIES), ("qwen2", "6b_odd")]
-"""(language family, vision tower): the ``6b_odd`` tower's 5 heads are padded to 6 at TP 2, and its
-checkpoint tensors stay unpadded."""
+CASES = [*((f, "300m") for f in FAMILIES), ("qwen2", "6b_odd"), ("qwen2_odd_vocab", "300m")]
+"""(language family, vision tower): the ``6b_odd`` tower's 5 heads are padded to 6 at TP 2, as is the
+odd vocabulary's last row, and their checkpoint tensors stay unpadded."""
 
 
 def test_tp2_pp2_checkpoint_exports_like_tp1(tmp_path):

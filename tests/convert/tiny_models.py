@@ -23,7 +23,10 @@ CONFIG = tiny()
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3")
 """Tiny language models of each family: ``llama`` is InternLM2 as transformers holds it (the InternVL2
 releases), ``llama3`` Llama-3's RoPE base, ``qwen2`` with q/k/v biases and tied embeddings (the small
-Qwen2.5), ``qwen3`` with q/k norms, tied embeddings and a head width of its own (hidden 64, heads 4, 32)."""
+Qwen2.5), ``qwen3`` with q/k norms, tied embeddings and a head width of its own (hidden 64, heads 4, 32).
+``qwen2_odd_vocab`` (not in the list) is ``qwen2`` with ``ODD_VOCAB`` ids."""
+ODD_VOCAB = 251
+"""A vocabulary TP 2 and TP 4 pad to 252 (as TP 8 pads InternVL3-78B's 151,674 to 151,680)."""
 
 
 INTERNVIT_6B = dict(normalization="RMSNorm", qkv_bias=False, qk_normalization=True)
@@ -44,6 +47,8 @@ def family_config(family: str = "llama", tower: str = "300m") -> VLMConfig:
         "llama": dict(family="llama"),
         "llama3": dict(family="llama", rotary_base=500000.0),
         "qwen2": dict(family="qwen2", qkv_bias=True, tie_word_embeddings=True, layernorm_epsilon=1e-6),
+        "qwen2_odd_vocab": dict(family="qwen2", qkv_bias=True, tie_word_embeddings=True,
+                                layernorm_epsilon=1e-6, vocab_size=ODD_VOCAB),
         "qwen3": dict(family="qwen3", qk_layernorm=True, head_dim=32, tie_word_embeddings=True,
                       layernorm_epsilon=1e-6),
     }[family]  # fmt: skip
@@ -67,9 +72,9 @@ def text_config(family: str = "llama"):
         rope_parameters={"rope_type": "default", "rope_theta": lm.rotary_base},
         max_position_embeddings=4096,
     )
-    if family == "qwen3":
+    if lm.family == "qwen3":
         return Qwen3Config(**fields, head_dim=32)
-    return (Qwen2Config if family == "qwen2" else LlamaConfig)(**fields)
+    return (Qwen2Config if lm.family == "qwen2" else LlamaConfig)(**fields)
 
 
 def randomize(model, seed: int):

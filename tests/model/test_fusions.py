@@ -35,6 +35,27 @@ def test_chunked_cross_entropy_equals_the_float64_formula(chunk):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_cross_entropy_masks_the_padded_rows():
+    """A slice of 40 rows of which 37 are real ids (the last 3 pad the vocabulary, here not even zero):
+    the loss over the 37 real ids (float64 formula), zero gradients on the padded rows."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(29, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(40, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 37, (29,), generator=generator)
+    loss = chunked_cross_entropy(hidden, weight, labels, 8, real_rows=37)
+    grad_hidden, grad_weight = torch.autograd.grad(loss.sum(), (hidden, weight))
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach()[:37].double().requires_grad_(True)
+    logits = h64 @ w64.t()
+    expected = torch.logsumexp(logits, dim=-1) - logits[torch.arange(29), labels]
+    expected_grads = torch.autograd.grad(expected.sum(), (h64, w64))
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad_hidden.double(), expected_grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_weight[:37].double(), expected_grads[1], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(grad_weight[37:]) == 0
+
+
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="loss_chunk_tokens must be >= 1"):
         Fusions(loss_chunk_tokens=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.convert.tiny_models import ODD_VOCAB
 from tests.parallel.launch import run_torchrun
 
 TWO_RANKS = ["tp2", "sp", "pp2", "pp2_vpp2", "cp2", "dp2_distopt"]
@@ -17,7 +18,9 @@ TIED = ["pp2", "pp2_vpp2", "tp2", "sp"]
 heads: under PP the last stage's output layer is a copy of the first stage's embedding, kept equal by
 Megatron's embedding-group reductions; under TP the tower's 5 heads are padded to 6 with zero heads (the
 weights loaded from and saved to the unpadded checkpoint tensors), and its cross-head q/k norms
-all-reduce their sum of squares and divide it by the real width."""
+all-reduce their sum of squares and divide it by the real width. Its vocabulary of ``ODD_VOCAB`` ids is
+padded by TP 2 with a zero row (the tied embedding's, masked in the logits), as is that of the fused
+launch (the untied output layer's, masked in the chunked loss)."""
 FUSED = ["tp2", "sp", "cp2"]  # where the chunked loss and the compiled norm see other shards
 
 
@@ -35,14 +38,14 @@ def four_ranks(tmp_path_factory):
 def tied(tmp_path_factory):
     return run_torchrun(
         "vlm_layouts.py", 2, tmp_path_factory.mktemp("tied"), "--layouts", ",".join(TIED),
-        "--family", "qwen3", "--tower", "6b_odd",
+        "--family", "qwen3", "--tower", "6b_odd", "--vocab", str(ODD_VOCAB),
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
     return run_torchrun("vlm_layouts.py", 2, tmp_path_factory.mktemp("vlm_fused"), "--layouts", ",".join(FUSED),
-                        "--fused")
+                        "--fused", "--vocab", str(ODD_VOCAB))
 
 
 def _check(results, layout):
@@ -54,6 +57,7 @@ def _check(results, layout):
     assert got["max_grad_error"] <= 1e-5, got["worst_param"]
     if got["vision_cp_error"] is not None:
         assert got["vision_cp_error"] <= 1e-6
+    assert got["padding_nonzero"] == 0  # padded vocabulary rows: zero gradients, weights still zero
 
 
 @pytest.mark.parametrize("layout", TWO_RANKS)

@@ -8,6 +8,8 @@ optimizer step that amounts to SGD with lr = 1: Adam with β1 = β2 = 0 updates 
 which with ε = lr = 1e6 is g to a relative 1e-6·|g| (the distributed optimizer only takes Adam). So the
 updated weights are weights - gradient. Those are saved as a dist checkpoint,
 loaded back into the single-process layout, and compared: weights_before - weights_after == gradient.
+With ``--vocab`` odd, TP 2 pads the vocabulary (``model/tp_padding.py``): the padded rows' gradients
+and weights must stay exactly zero.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from tests.model.vlm_batches import pack, sub_sample
 CONFIG = None  # the tiny VLM of --family with a 4-layer language model, set by main()
 
 
-def four_layer_config(family: str, tower: str):
+def four_layer_config(family: str, tower: str, vocab: int | None = None):
     """``tiny()`` with a language family and vision tower of ``tests/convert/tiny_models``, 4 language
-    layers."""
+    layers (and ``vocab`` ids)."""
     base = family_config(family, tower)
-    return dataclasses.replace(base, language=dataclasses.replace(base.language, num_layers=4))
+    language = dataclasses.replace(base.language, num_layers=4, vocab_size=vocab or base.language.vocab_size)
+    return dataclasses.replace(base, language=language)
 
 
 PACK_TOKENS = 192
@@ -138,10 +141,27 @@ def run_layout(name: str, workdir: Path, fused: bool = False) -> float:
         w.zero_grad_buffer()
     optimizer.zero_grad()
     result = forward_backward(wrapped, mine)
+    padding = padded_rows_nonzero(chunks, "main_grad")
     optimizer.step()
+    padding += padded_rows_nonzero(chunks, "data")
     save(sharded_model_state(chunks), workdir / f"after_{name}{'_fused' if fused else ''}")
     destroy_model_parallel()
-    return result.loss, vision_error
+    return result.loss, vision_error, padding
+
+
+def padded_rows_nonzero(chunks: list, attribute: str) -> int:
+    """Nonzero entries, over all ranks, in the padded vocabulary rows of the embedding and output
+    weights' ``attribute`` (their gradient or their values)."""
+    count = torch.zeros((), dtype=torch.long)
+    for chunk in chunks:
+        lm = chunk.language_model
+        real = len(lm.vocab_padding.real)
+        for name in lm.VOCAB_ROWS:
+            param = dict(lm.named_parameters()).get(name)
+            if param is not None:
+                count += torch.count_nonzero(getattr(param, attribute)[real:])
+    dist.all_reduce(count)
+    return int(count)
 
 
 def vision_under_cp_error(model, batch) -> float | None:
@@ -166,7 +186,7 @@ def updated_weights(name: str, workdir: Path, fused: bool = False) -> dict:
 def fused_vs_plain(name: str, workdir: Path, loss: float, after: dict) -> dict:
     """The layout once more with the fused paths: its loss and updated weights (weights - gradient)
     against the plain run of the same layout."""
-    fused_loss, _ = run_layout(name, workdir, fused=True)
+    fused_loss, _, _ = run_layout(name, workdir, fused=True)
     fused_after = updated_weights(name, workdir, fused=True)
     errors = {n: (fused_after[n] - after[n]).abs().max().item() for n in after}
     worst = max(errors, key=errors.get)
@@ -180,22 +200,23 @@ def main() -> None:
     parser.add_argument("--layouts", required=True)
     parser.add_argument("--family", default="internlm2")
     parser.add_argument("--tower", default="300m")
+    parser.add_argument("--vocab", type=int, help="a vocabulary of its own (odd: TP 2 pads it)")
     parser.add_argument("--fused", action="store_true", help="also run each layout with FUSED; compare")
     args = parser.parse_args()
     global CONFIG
-    CONFIG = four_layer_config(args.family, args.tower)
+    CONFIG = four_layer_config(args.family, args.tower, args.vocab)
 
     ref_loss, weights, grads = reference(args.workdir)
     results = {"reference_loss": ref_loss, "layouts": {}}
     for name in args.layouts.split(","):
-        loss, vision_error = run_layout(name, args.workdir)
+        loss, vision_error, padding = run_layout(name, args.workdir)
         after = updated_weights(name, args.workdir)
         errors = {n: (weights[n] - after[n] - grads[n]).abs().max().item() for n in grads}
         worst = max(errors, key=errors.get)
         results["layouts"][name] = {
             "loss": loss, "max_grad_error": errors[worst], "worst_param": worst,
             "max_grad": max(g.abs().max().item() for g in grads.values()),
-            "params_compared": len(errors), "vision_cp_error": vision_error,
+            "params_compared": len(errors), "vision_cp_error": vision_error, "padding_nonzero": padding,
         }
         if args.fused:
             results["layouts"][name].update(fused_vs_plain(name, args.workdir, loss, after))
