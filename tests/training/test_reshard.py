@@ -1,5 +1,6 @@
 """A checkpoint saved by one process (TP = PP = CP = 1) resumes under TP 2, PP 2 and CP 2 (2 ranks)
-with the next step's loss equal to the single-process resume's."""
+with the next step's loss equal to the single-process resume's. The vocabulary (641 ids) is odd, so TP 2
+pads it by a row: weights and optimizer state are saved unpadded and resharded into the padded layout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ SAVED_AT, NEXT = 2, 3
 
 def test_resume_in_other_layouts(synth_data, tmp_path):
     save, metrics, log = tmp_path / "ckpt", tmp_path / "single.jsonl", tmp_path / "single.log"
-    overrides = tiny_overrides(synth_data, **{"data.num_workers": 0})
+    overrides = tiny_overrides(synth_data, **{"data.num_workers": 0, "model.vocab_size": 641})
     proc = start_training(
         [
             *overrides,
