@@ -3,7 +3,7 @@ with the next step's loss equal to the single-process resume's."""
 
 from __future__ import annotations
 
-from megatron_v2pe.training.checkpointing import latest_iteration
+from megatron_v2pe.checkpoint.layout import latest_iteration
 from tests.parallel.launch import run_torchrun
 from tests.training.conftest import finish, losses, start_training, tiny_overrides
 
