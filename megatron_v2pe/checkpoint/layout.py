@@ -149,7 +149,12 @@ def find_checkpoint(root: str | Path, quiet: bool = False) -> ResumePoint | None
         )
     point = ResumePoint(complete[-1], dirs[complete[-1]])
     if not quiet:
-        say(logging.WARNING, "%s: resuming from %s, the newest complete checkpoint", marker_problem, point.path)
+        say(
+            logging.WARNING,
+            "%s: resuming from %s, the newest complete checkpoint",
+            marker_problem,
+            point.path,
+        )
     return point
 
 

@@ -22,7 +22,12 @@ from megatron.core import parallel_state as ps
 
 from megatron_v2pe.checkpoint.errors import UnloadableCheckpoint
 from megatron_v2pe.checkpoint.model_config import tokenizer_dir, write_model_config
-from megatron_v2pe.checkpoint.model_only import build_model, model_checkpoint, saved_dtype, sharded_model_state
+from megatron_v2pe.checkpoint.model_only import (
+    build_model,
+    model_checkpoint,
+    saved_dtype,
+    sharded_model_state,
+)
 from megatron_v2pe.convert.checks import ConversionError, tensor_problems
 from megatron_v2pe.convert.dist_streaming import load_group, save_streaming
 from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
