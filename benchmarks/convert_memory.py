@@ -51,7 +51,8 @@ def prepare(directory: Path, small: bool, shard_bytes: int) -> None:
     """Random tensors under the transformers-native names and InternVL2-2B shapes, one shard in memory."""
     import torch
 
-    from megatron_v2pe.convert.checkpoint import build_model, table, weights
+    from megatron_v2pe.checkpoint.model_only import build_model
+    from megatron_v2pe.convert.checkpoint import table, weights
     from megatron_v2pe.convert.layouts import LAYOUTS
     from megatron_v2pe.convert.mapping import expected_hf_shapes
     from megatron_v2pe.convert.safetensors_io import ShardedWriter

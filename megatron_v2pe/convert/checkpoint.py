@@ -1,20 +1,18 @@
 """Hugging Face checkpoint <-> Megatron-Core dist checkpoint, through the layout tables.
 
-The Megatron side is a *model-only* dist checkpoint: ``dist_checkpointing.save({"model0":
-model.sharded_state_dict()}, dir)`` of a tensor-parallel-1 model. Conversion streams in both directions
+The Megatron side is a model-only checkpoint (``megatron_v2pe.checkpoint``, which owns its format): the
+tensors of a tensor-parallel-1 model, stored whole and matched by key when loaded, so any TP/PP/CP layout
+loads it, with ``vlm_config.json`` and ``tokenizer/`` beside them. Conversion streams in both directions
 (``dist_streaming``): the model is built on the meta device for its sharding metadata only, and each
-tensor is read, transformed and written on its own, so a model larger than the machine's memory converts. Its tensors are stored whole
-and matched by key when loaded, so any TP/PP/CP layout loads it; this is the structure the training driver
-reads as its starting point (``training.checkpointing.load_model_weights``). Next to it,
-``vlm_config.json`` records the architecture and ``tokenizer/`` the tokenizer files.
+tensor is read, transformed and written on its own, so a model larger than the machine's memory converts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,15 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from megatron_v2pe.convert.checks import ConversionError, config_differences, tensor_problems
+from megatron_v2pe.checkpoint.errors import UnloadableCheckpoint
+from megatron_v2pe.checkpoint.model_config import tokenizer_dir, write_model_config
+from megatron_v2pe.checkpoint.model_only import (
+    build_model,
+    model_checkpoint,
+    saved_dtype,
+    sharded_model_state,
+)
+from megatron_v2pe.convert.checks import ConversionError, tensor_problems
 from megatron_v2pe.convert.dist_streaming import load_group, save_streaming
 from megatron_v2pe.convert.hf_positions import V2PE_CONFIG_KEY
 from megatron_v2pe.convert.layouts import LAYOUTS, Layout
@@ -35,60 +41,11 @@ from megatron_v2pe.convert.safetensors_io import (
     return_freed_memory,
 )
 from megatron_v2pe.errors import OutputExists
-from megatron_v2pe.model.presets import (
-    ImageFormat,
-    LanguageConfig,
-    VisionConfig,
-    VLMConfig,
-    language_transformer_config,
-    vision_transformer_config,
-)
-from megatron_v2pe.model.vlm import InternVLModel, sharded_model_state
+from megatron_v2pe.model.architecture import config_differences
+from megatron_v2pe.model.presets import VLMConfig
+from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.parallel.attention_backends import AttentionBackend
-from megatron_v2pe.training.checkpointing import iteration_dir, latest_iteration
 from megatron_v2pe.v2pe.positions import DELTA_CANDIDATES, parse_delta_policy
-
-MODEL_CONFIG_FILE = "vlm_config.json"
-TOKENIZER_DIR = "tokenizer"
-
-
-# -- architecture ------------------------------------------------------------------------------------
-
-
-def config_to_dict(config: VLMConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def write_model_config(config: VLMConfig, directory: Path) -> None:
-    """``vlm_config.json``: what ``load_megatron`` builds the model from when no config is given."""
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-
-
-def config_from_dict(data: dict[str, Any]) -> VLMConfig:
-    """The inverse of ``config_to_dict``; files written before ``image_format`` existed get its defaults."""
-    parts = {"vision": VisionConfig(**data["vision"]), "language": LanguageConfig(**data["language"])}
-    if "image_format" in data:
-        parts["image_format"] = ImageFormat(**data["image_format"])
-    return VLMConfig(**{**data, **parts})
-
-
-def build_model(
-    config: VLMConfig, dtype: torch.dtype, attention_backend: AttentionBackend = "auto"
-) -> InternVLModel:
-    """The model at the current parallel layout (TP, and CP for the language model), uninitialised (its
-    weights are about to be overwritten). ``megatron_v2pe.parallel.initialize`` must have run."""
-    fields = {
-        "params_dtype": dtype,
-        "perform_initialization": False,
-        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-    }
-    cp = ps.get_context_parallel_world_size()  # the vision tower runs whole tiles: no CP in its config
-    return InternVLModel(
-        config,
-        language_transformer_config(config, **fields, context_parallel_size=cp),
-        vision_transformer_config(config, **fields),
-        attention_backend=attention_backend,
-    )
 
 
 def weights(model: InternVLModel) -> dict[str, torch.Tensor]:
@@ -103,27 +60,37 @@ def table(layout: Layout, config: VLMConfig) -> list[Entry]:
 # -- Hugging Face -> model ---------------------------------------------------------------------------
 
 
+def _checked_entries(
+    params: dict[str, torch.Tensor], source: SafetensorsSource, layout: Layout, config: VLMConfig
+) -> list[Entry]:
+    """The table's entries, once the table covers every parameter and the Hugging Face checkpoint holds
+    each tensor they name with the shape it needs (``params`` are this rank's pieces). Every missing,
+    unexpected or mis-shaped tensor is reported in one ``ConversionError``."""
+    entries = table(layout, config)
+    uncovered = sorted(set(params) - {e.megatron for e in entries})
+    if uncovered:
+        raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
+    size = ps.get_tensor_model_parallel_world_size()
+    whole = {e.megatron: e.split.whole_shape(params[e.megatron].shape, size) for e in entries}
+    problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
+    if problems:
+        raise ConversionError(str(source.directory), problems)
+    return entries
+
+
 def load_hf_weights(
     model: InternVLModel, source: SafetensorsSource, layout: Layout, config: VLMConfig
 ) -> None:
     """Stream a Hugging Face checkpoint into ``model`` (any tensor-parallel size; each rank keeps its
-    piece by the table's split rule). Every missing, unexpected or mis-shaped tensor is reported in one
-    ``ConversionError`` before any weight changes."""
+    piece by the table's split rule), after ``_checked_entries``: no weight changes unless all is there."""
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError(
             "load Hugging Face weights at pipeline-parallel size 1, then reshard through a "
             "dist checkpoint (tools/convert_checkpoint.py writes one)"
         )
-    entries = table(layout, config)
     params = weights(model)
-    uncovered = sorted(set(params) - {e.megatron for e in entries})
-    if uncovered:
-        raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
+    entries = _checked_entries(params, source, layout, config)
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    whole = {e.megatron: e.split.whole_shape(params[e.megatron].shape, size) for e in entries}
-    problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
-    if problems:
-        raise ConversionError(str(source.directory), problems)
     split = {e.megatron: e.split for e in entries}
     with torch.no_grad():
         for name, tensor in to_megatron(entries, source.read):
@@ -176,15 +143,8 @@ def hf_to_megatron(
         raise ValueError("convert at tensor- and pipeline-parallel size 1: the dist checkpoint reshards")
     with torch.device("meta"):  # shapes and sharding metadata only: the weights are produced while saving
         model = build_model(config, dtype, attention_backend)
-    entries = table(layout, config)
     placeholders = weights(model)
-    uncovered = sorted(set(placeholders) - {e.megatron for e in entries})
-    if uncovered:
-        raise RuntimeError(f"the {layout.name} table has no rule for {uncovered}")
-    whole = {name: t.shape for name, t in placeholders.items()}
-    problems = tensor_problems(source.shapes(), expected_hf_shapes(entries, whole))
-    if problems:
-        raise ConversionError(str(hf_dir), problems)
+    entries = _checked_entries(placeholders, source, layout, config)
     by_name = {e.megatron: e for e in entries}
 
     def produce(name: str) -> torch.Tensor:
@@ -194,61 +154,9 @@ def hf_to_megatron(
     with atomic_directory(output) as staging:
         save_streaming(sharded_model_state([model]), staging, placeholders, produce)
         write_model_config(config, staging)
-        (staging / TOKENIZER_DIR).mkdir()
-        copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
+        tokenizer_dir(staging).mkdir()
+        copy_tokenizer_files(hf_dir, tokenizer_dir(staging))
     return config
-
-
-# -- model <-> Megatron dist checkpoint --------------------------------------------------------------
-
-
-def save_megatron(model: InternVLModel, config: VLMConfig, directory: Path) -> None:
-    """A model-only dist checkpoint (see the module docstring) plus ``vlm_config.json``."""
-    dist_checkpointing.save(sharded_model_state([model]), str(directory))
-    write_model_config(config, directory)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A dist checkpoint directory, or a training run's checkpoint root (its latest iteration)."""
-    iteration = latest_iteration(path)
-    return Path(path) if iteration is None else iteration_dir(path, iteration)
-
-
-def _checkpoint_config(path: str | Path, config: VLMConfig | None) -> tuple[Path, VLMConfig]:
-    if not Path(path).is_dir():
-        raise ConversionError(str(path), ["the checkpoint directory does not exist; check the path"])
-    directory = resolve_checkpoint(path)
-    if config is None:
-        candidates = [directory / MODEL_CONFIG_FILE, Path(path) / MODEL_CONFIG_FILE]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise ConversionError(
-                str(path), [f"no {MODEL_CONFIG_FILE}: name the architecture (--model-config)"]
-            )
-        config = config_from_dict(json.loads(found.read_text()))
-    return directory, config
-
-
-def load_megatron(
-    path: str | Path,
-    config: VLMConfig | None = None,
-    dtype: torch.dtype | None = None,
-    attention_backend: AttentionBackend = "auto",
-) -> tuple[InternVLModel, VLMConfig]:
-    """The model of a Megatron dist checkpoint, whatever TP/PP layout wrote it, at the current layout
-    (tensor-parallel 1 for export). ``config`` defaults to the checkpoint's ``vlm_config.json`` (or the
-    one beside a training run's root), ``dtype`` to the dtype it was saved in."""
-    directory, config = _checkpoint_config(path, config)
-    if dtype is None:
-        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-        dtype = metadata["language_model.embedding.word_embeddings.weight"].dtype
-    model = build_model(config, dtype, attention_backend)
-    try:
-        loaded = dist_checkpointing.load(sharded_model_state([model]), str(directory))
-    except Exception as err:  # Megatron's errors already list every missing / mismatched tensor
-        raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
-    model.load_state_dict(loaded["model0"])
-    return model, config
 
 
 # -- model -> Hugging Face ---------------------------------------------------------------------------
@@ -356,6 +264,15 @@ def _checkpoint_problems(directory: Path, config: VLMConfig, dtype: torch.dtype)
     return sorted(set(problems))
 
 
+@contextmanager
+def _as_conversion_error() -> Iterator[None]:
+    """A checkpoint that cannot be loaded, in the words of a conversion that wrote nothing."""
+    try:
+        yield
+    except UnloadableCheckpoint as err:
+        raise ConversionError(str(err.path), [err.problem]) from err
+
+
 def megatron_to_hf(
     megatron_dir: str | Path,
     output: str | Path,
@@ -375,23 +292,20 @@ def megatron_to_hf(
     ``tokenizer/``."""
     if Path(output).exists():
         raise OutputExists(f"{output} already exists; choose a new output directory")
-    directory, config = _checkpoint_config(megatron_dir, config)
+    with _as_conversion_error():
+        directory, config = model_checkpoint(megatron_dir, config)
+        saved = saved_dtype(directory)
     window = trained_window or config.language.max_sequence_length
     try:
         v2pe = v2pe_settings(config, delta_policy or "auto", window)
     except ValueError as err:
         raise ConversionError(str(megatron_dir), [str(err)]) from err
     return_freed_memory()
-    try:
-        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as err:
-        raise ConversionError(str(directory), [f"{type(err).__name__}: {err}"]) from err
-    saved = metadata["language_model.embedding.word_embeddings.weight"].dtype
     dtype = dtype or saved
     problems = _checkpoint_problems(directory, config, dtype)
     if problems:
         raise ConversionError(str(directory), problems)
-    bundled = Path(megatron_dir) / TOKENIZER_DIR
+    bundled = tokenizer_dir(megatron_dir)
     layout = LAYOUTS[layout_name]
     write_hf(
         stream_megatron_to_hf(directory, config, layout, dtype),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.convert.language_tables import language_rules
 from megatron_v2pe.convert.mapping import IDENTITY, Rule, StackedQKV, TPSplit, layer_rules, rule
 from megatron_v2pe.convert.vision_towers import for_tower
+from megatron_v2pe.model.architecture import config_differences
 from megatron_v2pe.model.internvl_config import from_hf_config
 from megatron_v2pe.model.presets import VLMConfig
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_v2pe.checkpoint.layout import latest_iteration
 from megatron_v2pe.data.conversation import INTERNVL2_SYSTEM_MESSAGE
 from megatron_v2pe.data.images import encode_png
 from megatron_v2pe.data.long_context_synth import (
@@ -157,8 +158,7 @@ def synthesise(
 
 
 def _trained_to(run: Path) -> int:
-    marker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
-    return int(marker.read_text().strip()) if marker.is_file() else 0
+    return latest_iteration(run / "checkpoints") or 0
 
 
 def _train_arguments(run: Path, policy: str, data: dict, args: argparse.Namespace) -> list[str]:

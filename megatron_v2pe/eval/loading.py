@@ -3,10 +3,10 @@ architecture and tokenizer, on this process's device, at the context-parallel si
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from megatron_v2pe.convert.checkpoint import TOKENIZER_DIR, config_from_dict, load_megatron
+from megatron_v2pe.checkpoint.model_config import read_model_config, tokenizer_dir
+from megatron_v2pe.checkpoint.model_only import load_model
 from megatron_v2pe.data.loader import check_tokenizer_matches
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.model.vlm import InternVLModel
@@ -34,7 +34,7 @@ def load_for_evaluation(
 
     if not parallel_state.model_parallel_is_initialized():
         initialize(context_parallel_size=context_parallel_size, seed=0)
-    tok = load_tokenizer(tokenizer or checkpoint / TOKENIZER_DIR)
+    tok = load_tokenizer(tokenizer or tokenizer_dir(checkpoint))
     config, window = None, trained_window
     if model_config is not None:
         if model_config.suffix in (".yaml", ".yml"):
@@ -45,8 +45,8 @@ def load_for_evaluation(
             config = training_model_config(train, tok)
             window = window or train.data.max_seq_len
         else:
-            config = config_from_dict(json.loads(model_config.read_text()))
-    model, config = load_megatron(checkpoint, config, attention_backend=attention_backend)
+            config = read_model_config(model_config)
+    model, config = load_model(checkpoint, config, attention_backend=attention_backend)
     check_tokenizer_matches(tok, config)
     return model.to(current_device()).eval(), tok, window or config.language.max_sequence_length
 

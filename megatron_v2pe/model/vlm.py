@@ -205,12 +205,6 @@ def model_chunks(
     return chunks
 
 
-def sharded_model_state(chunks: list) -> dict:
-    """The dist-checkpoint structure of a model: ``{"model0": ..., "model1": ...}``, one entry per chunk.
-    Tensors match by their global keys, so it loads into any TP/PP/CP layout."""
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
 def model_inputs(batch: PackedBatch) -> dict:
     """The keyword arguments of ``InternVLModel.forward`` for a packed batch (labels of unsupervised
     tokens are mapped to 0: they carry zero loss weight, and the loss kernel needs valid ids)."""

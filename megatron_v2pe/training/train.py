@@ -29,7 +29,11 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 
 from megatron_v2pe.batch import PackedBatch
-from megatron_v2pe.convert.checkpoint import write_model_config
+from megatron_v2pe.checkpoint.errors import CheckpointError, CheckpointSaveError
+from megatron_v2pe.checkpoint.layout import ResumePoint
+from megatron_v2pe.checkpoint.model_config import write_model_config
+from megatron_v2pe.checkpoint.model_only import load_model_weights
+from megatron_v2pe.checkpoint.train_state import Checkpointer
 from megatron_v2pe.data.loader import DataStateMismatch, PackedBatchLoader
 from megatron_v2pe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_v2pe.errors import UsageError, is_lead_rank, run_command
@@ -40,13 +44,6 @@ from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.parallel.fp8 import fp8_transformer_overrides
 from megatron_v2pe.parallel.runtime import current_device
-from megatron_v2pe.training.checkpointing import (
-    CheckpointError,
-    Checkpointer,
-    CheckpointSaveError,
-    ResumePoint,
-    load_model_weights,
-)
 from megatron_v2pe.training.config import (
     ConfigError,
     TrainConfig,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_v2pe.checkpoint.model_only import build_model
 from megatron_v2pe.convert import LAYOUTS
-from megatron_v2pe.convert.checkpoint import build_model, load_hf_weights
+from megatron_v2pe.convert.checkpoint import load_hf_weights
 from megatron_v2pe.convert.cli import main
 from megatron_v2pe.convert.safetensors_io import SafetensorsSource
 from megatron_v2pe.model.llm_families import llm_family

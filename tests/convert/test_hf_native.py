@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_v2pe.checkpoint.model_only import build_model
 from megatron_v2pe.convert import LAYOUTS
-from megatron_v2pe.convert.checkpoint import build_model, load_hf_weights
+from megatron_v2pe.convert.checkpoint import load_hf_weights
 from megatron_v2pe.convert.hf_positions import use_float64_rotary, v2pe_inputs
 from megatron_v2pe.convert.safetensors_io import SafetensorsSource
 from megatron_v2pe.model.vlm import InternVLModel

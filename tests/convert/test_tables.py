@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_v2pe.checkpoint.model_only import build_model
 from megatron_v2pe.convert import LAYOUTS
-from megatron_v2pe.convert.checkpoint import build_model, table, weights
+from megatron_v2pe.convert.checkpoint import table, weights
 from megatron_v2pe.convert.mapping import SeparateQKV, StackedQKV, TPSplit
 from megatron_v2pe.model.presets import internvl2_2b, tiny
 from tests.convert.tiny_models import FAMILIES, family_config

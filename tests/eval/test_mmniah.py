@@ -333,7 +333,8 @@ def test_report_lists_every_bin():
 
 @pytest.mark.usefixtures("megatron_runtime")
 def test_evaluate_end_to_end(tmp_path, capsys, tokenizer, tokenizer_dir, mmniah_dir, synth_dir):
-    from megatron_v2pe.convert.checkpoint import TOKENIZER_DIR, save_megatron
+    from megatron_v2pe.checkpoint.model_config import TOKENIZER_DIR
+    from megatron_v2pe.checkpoint.model_only import save_model
     from megatron_v2pe.model.presets import language_transformer_config, tiny, vision_transformer_config
     from megatron_v2pe.model.vlm import InternVLModel
 
@@ -349,7 +350,7 @@ def test_evaluate_end_to_end(tmp_path, capsys, tokenizer, tokenizer_dir, mmniah_
     )
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    save_megatron(model, config, checkpoint)
+    save_model(model, config, checkpoint)
     shutil.copytree(tokenizer_dir, checkpoint / TOKENIZER_DIR)
 
     evaluate = load_tool("evaluate")

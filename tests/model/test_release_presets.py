@@ -103,7 +103,7 @@ def test_release_preset_has_the_published_parameter_count(release):
 def test_a_released_config_json_reads_as_the_preset():
     """InternVL3-1B's config.json (the same architecture as InternVL2.5-1B), its architecture fields as
     published, dynamic NTK rope_scaling included."""
-    from megatron_v2pe.convert.checks import config_differences
+    from megatron_v2pe.model.architecture import config_differences
     from megatron_v2pe.model.internvl_config import from_hf_config
     from megatron_v2pe.model.presets import QWEN_IMG_CONTEXT_ID
 

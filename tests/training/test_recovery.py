@@ -17,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_v2pe.checkpoint.errors import CheckpointError
+from megatron_v2pe.checkpoint.layout import LATEST, find_checkpoint, tidy_save_dir
+from megatron_v2pe.checkpoint.lock import SaveDirLock
 from megatron_v2pe.data.shards import ShardWriter
-from megatron_v2pe.training.checkpointing import (
-    LATEST,
-    CheckpointError,
-    SaveDirLock,
-    find_checkpoint,
-    tidy_save_dir,
-)
 from tests.training.conftest import finish, losses, start_training, tiny_overrides
 
 SAVED = (2, 4)

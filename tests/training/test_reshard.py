@@ -4,7 +4,7 @@ pads it by a row: weights and optimizer state are saved unpadded and resharded i
 
 from __future__ import annotations
 
-from megatron_v2pe.training.checkpointing import latest_iteration
+from megatron_v2pe.checkpoint.layout import latest_iteration
 from tests.parallel.launch import run_torchrun
 from tests.training.conftest import finish, losses, start_training, tiny_overrides
 

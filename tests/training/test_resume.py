@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from megatron_v2pe.convert.checkpoint import MODEL_CONFIG_FILE, config_from_dict
+from megatron_v2pe.checkpoint.layout import latest_iteration
+from megatron_v2pe.checkpoint.model_config import MODEL_CONFIG_FILE, config_from_dict
 from megatron_v2pe.data.tokenizer import load_tokenizer
-from megatron_v2pe.training.checkpointing import latest_iteration
 from megatron_v2pe.training.config import load_config, model_config
 from tests.training.conftest import TINY_CONFIG, finish, losses, start_training, tiny_overrides
 

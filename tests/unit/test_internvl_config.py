@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_v2pe.eval.loading import rope_for_policy
+from megatron_v2pe.model.architecture import config_differences
 from megatron_v2pe.model.internvl_config import from_hf_config
-from megatron_v2pe.convert.checks import config_differences
 from megatron_v2pe.model.presets import QWEN_IMG_CONTEXT_ID, internvl2_2b, internvl2_5_1b
 from megatron_v2pe.v2pe.rotary import DynamicNTK
 

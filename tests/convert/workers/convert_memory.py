@@ -55,7 +55,8 @@ def _runtime() -> None:
 
 
 def prepare(directory: Path, layers: int, hidden: int, shard_bytes: int) -> None:
-    from megatron_v2pe.convert.checkpoint import build_model, table, weights
+    from megatron_v2pe.checkpoint.model_only import build_model
+    from megatron_v2pe.convert.checkpoint import table, weights
     from megatron_v2pe.convert.layouts import LAYOUTS
     from megatron_v2pe.convert.mapping import expected_hf_shapes
     from megatron_v2pe.convert.safetensors_io import ShardedWriter

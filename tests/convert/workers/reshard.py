@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from megatron_v2pe.convert.checkpoint import config_from_dict
+from megatron_v2pe.checkpoint.model_config import config_from_dict
 from megatron_v2pe.model.presets import language_transformer_config, vision_transformer_config
 from megatron_v2pe.model.vlm import InternVLModel
 from megatron_v2pe.parallel import initialize

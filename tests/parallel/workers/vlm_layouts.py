@@ -27,9 +27,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+from megatron_v2pe.checkpoint.model_only import sharded_model_state
 from megatron_v2pe.model.fusions import Fusions
 from megatron_v2pe.model.presets import language_transformer_config, vision_transformer_config
-from megatron_v2pe.model.vlm import model_chunks, model_inputs, sharded_model_state, weighted_loss
+from megatron_v2pe.model.vlm import model_chunks, model_inputs, weighted_loss
 from megatron_v2pe.parallel import destroy_model_parallel, initialize
 from megatron_v2pe.parallel.context_parallel import shard_batch
 from megatron_v2pe.training.step import forward_backward
