@@ -51,24 +51,10 @@ def prepare(directory: Path, small: bool, shard_bytes: int) -> None:
     """Random tensors under the transformers-native names and InternVL2-2B shapes, one shard in memory."""
     import torch
 
-    from megatron_v2pe.checkpoint.model_only import build_model
-    from megatron_v2pe.convert.checkpoint import table, weights
-    from megatron_v2pe.convert.layouts import LAYOUTS
-    from megatron_v2pe.convert.mapping import expected_hf_shapes
-    from megatron_v2pe.convert.safetensors_io import ShardedWriter
+    from megatron_v2pe.convert.random_release import write_random_release
 
     _runtime()
-    config, layout = _config(small), LAYOUTS["hf"]
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in weights(build_model(config, torch.bfloat16)).items()}
-    directory.mkdir(parents=True)
-    writer = ShardedWriter(directory, shard_bytes)
-    generator = torch.Generator().manual_seed(0)
-    for name, shape in expected_hf_shapes(table(layout, config), shapes).items():
-        writer.add(name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
-    writer.close()
-    (directory / "config.json").write_text(json.dumps(layout.write_config(config, None)))
-    (directory / "tokenizer_config.json").write_text("{}")
+    write_random_release(_config(small), directory, shard_bytes, torch.bfloat16)
 
 
 def measure(argv: list[str]) -> dict:

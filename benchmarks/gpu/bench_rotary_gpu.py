@@ -80,30 +80,22 @@ def stock_megatron(tokens: int, query, key):
     return cases
 
 
-def fused_forward_backward(query, key, angles):
+def forward_backward(rotate, query, key, angles):
+    """A step of ``rotate(query, key, angles) -> (q, k)`` and its backward (fixed random output grads)."""
     query, key = query.detach().requires_grad_(True), key.detach().requires_grad_(True)
     grads = None
 
     def step():
         nonlocal grads
-        q_out, k_out = rotate_qk(query, key, angles)
+        q_out, k_out = rotate(query, key, angles)
         if grads is None:
             grads = (torch.randn_like(q_out), torch.randn_like(k_out))
         torch.autograd.backward((q_out, k_out), grads)
     return step
 
 
-def unfused_forward_backward(query, key, angles):
-    query, key = query.detach().requires_grad_(True), key.detach().requires_grad_(True)
-    grads = None
-
-    def step():
-        nonlocal grads
-        q_out, k_out = apply_rotary(query, angles), apply_rotary(key, angles)
-        if grads is None:
-            grads = (torch.randn_like(q_out), torch.randn_like(k_out))
-        torch.autograd.backward((q_out, k_out), grads)
-    return step
+def unfused(query, key, angles):
+    return apply_rotary(query, angles), apply_rotary(key, angles)
 
 
 def rows_for(tokens: int) -> tuple[list[list[object]], list[list[object]]]:
@@ -123,9 +115,9 @@ def rows_for(tokens: int) -> tuple[list[list[object]], list[list[object]]]:
     cases = [
         (f"fused V2PE (Triton), forward [{BLOCK_TOKENS} tokens, {NUM_WARPS} warps]",
          lambda: rotate_qk_once(query, key, angles), 1),
-        ("fused V2PE (Triton), forward + backward", fused_forward_backward(query, key, angles), 2),
-        ("unfused V2PE (PyTorch), forward", lambda: (apply_rotary(query, angles), apply_rotary(key, angles)), 1),
-        ("unfused V2PE (PyTorch), forward + backward", unfused_forward_backward(query, key, angles), 2),
+        ("fused V2PE (Triton), forward + backward", forward_backward(rotate_qk, query, key, angles), 2),
+        ("unfused V2PE (PyTorch), forward", lambda: unfused(query, key, angles), 1),
+        ("unfused V2PE (PyTorch), forward + backward", forward_backward(unfused, query, key, angles), 2),
         ("angles from positions (once per micro-batch, all layers)", None, 0),
     ] + [(name, fn, 1) for name, fn in stock_megatron(tokens, query, key)]
     rows = [row("device-to-device copy of the q, k bytes", copy_ms)]

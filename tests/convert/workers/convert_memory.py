@@ -55,24 +55,10 @@ def _runtime() -> None:
 
 
 def prepare(directory: Path, layers: int, hidden: int, shard_bytes: int) -> None:
-    from megatron_v2pe.checkpoint.model_only import build_model
-    from megatron_v2pe.convert.checkpoint import table, weights
-    from megatron_v2pe.convert.layouts import LAYOUTS
-    from megatron_v2pe.convert.mapping import expected_hf_shapes
-    from megatron_v2pe.convert.safetensors_io import ShardedWriter
+    from megatron_v2pe.convert.random_release import write_random_release
 
     _runtime()
-    vlm, layout = config(layers, hidden), LAYOUTS["hf"]
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in weights(build_model(vlm, torch.float32)).items()}
-    directory.mkdir(parents=True)
-    writer = ShardedWriter(directory, shard_bytes)
-    generator = torch.Generator().manual_seed(0)
-    for name, shape in expected_hf_shapes(table(layout, vlm), shapes).items():
-        writer.add(name, torch.randn(shape, generator=generator) * 0.02)
-    writer.close()
-    (directory / "config.json").write_text(json.dumps(layout.write_config(vlm, None)))
-    (directory / "tokenizer_config.json").write_text("{}")
+    write_random_release(config(layers, hidden), directory, shard_bytes, torch.float32)
 
 
 def _largest_file(directory: Path, suffix: str) -> int:
