@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -83,13 +82,13 @@ class V2PEGPTModel(GPTModel):
         if self.post_process:
             self.output_layer.register_forward_hook(self._mask_padded_logits)
 
-    def _mask_padded_logits(self, module, args, output: tuple) -> tuple:
-        """-inf in the padded columns of the output layer's logits (this rank's, or gathered)."""
-        logits, bias = output
+    def _mask_padded_logits(self, module, args, output: tuple) -> None:
+        """-inf in the padded columns of the output layer's logits (this rank's, or gathered), in place:
+        no second [tokens x vocabulary] tensor (the layer's backward does not need its output)."""
+        logits = output[0]
         padding = self.vocab_padding
         real = padding.units if logits.shape[-1] == padding.padded else len(padding.real)
-        masked = F.pad(logits[..., :real], (0, logits.shape[-1] - real), value=float("-inf"))
-        return masked, bias
+        logits[..., real:] = float("-inf")
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         """Megatron's, with the vocabulary rows as pieces of the unpadded tensors (``tp_padding``)."""
