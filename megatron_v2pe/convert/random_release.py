@@ -18,7 +18,12 @@ from megatron_v2pe.model.presets import VLMConfig
 
 
 def write_random_release(
-    config: VLMConfig, directory: Path, shard_bytes: int, dtype: torch.dtype, layout: str = "hf", seed: int = 0
+    config: VLMConfig,
+    directory: Path,
+    shard_bytes: int,
+    dtype: torch.dtype,
+    layout: str = "hf",
+    seed: int = 0,
 ) -> None:
     """Write it to ``directory`` (created; must not exist). ``megatron_v2pe.parallel.initialize`` must
     have run (the shapes come from the model, built on the meta device)."""

@@ -350,7 +350,8 @@ def _validate_recompute(config: TrainConfig) -> None:
                           "or remove recompute_modules")
     if "layernorm" in (m.recompute_modules or ()) and m.attention_backend != "te":
         raise ConfigError("model.recompute_modules 'layernorm' needs the Transformer Engine layers "
-                          "(Megatron-Core checkpoints norms through TE); set attention_backend: te or drop it")
+                          "(Megatron-Core checkpoints norms through TE); set attention_backend: te or "
+                          "drop it")
 
 
 def _validate_host(config: TrainConfig) -> None:
@@ -464,11 +465,10 @@ def validate_architecture(config: TrainConfig, vlm: VLMConfig) -> None:
         ("language model hidden size (the projector's width)", lm.hidden_size, tp, tp_name),
     ])  # the vocabulary is padded to a multiple of TP (model/tp_padding.py)
     try:
-        vision_heads = vision_attention_heads(vit, tp)  # InternViT-6B: padded to a multiple of TP
+        vision_attention_heads(vit, tp)  # refuses what it cannot pad (InternViT-6B pads to a multiple of TP)
     except ValueError as err:
         raise ConfigError(f"model {vlm.name}: {err}") from None
     _check_divisible(vlm, [
-        ("vision attention heads", vision_heads, tp, tp_name),
         ("vision FFN hidden size", vit.ffn_hidden_size, tp, tp_name),
         ("language model layers", lm.num_layers, stages, stages_name),
     ])
